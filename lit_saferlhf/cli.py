@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import lit_saferlhf.data  # noqa: F401  (datamodules and adapters, so short names resolve)
 import lit_saferlhf.stages  # noqa: F401  (stage modules, so short names resolve)
+from lit_saferlhf.compatibility import StrategyCheck
 from lit_saferlhf.registry import load_solver_plugins
 from lit_saferlhf.reliability import reliability_callbacks
 
@@ -34,8 +35,11 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> LightningCL
     """Parse ``args`` (a Lightning subcommand first, unless ``run`` is False) and run it."""
     load_solver_plugins()
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    # Atomic checkpoints, a stop on non-finite losses, and a save on SIGTERM / SLURM requeue, in every run.
-    callbacks = [RichProgressBar(), *reliability_callbacks()] if sys.stdout.isatty() else reliability_callbacks()
+    # In every run: a start-up check of the stage against the strategy, atomic checkpoints, a stop on
+    # non-finite losses, and a save on SIGTERM / SLURM requeue.
+    callbacks = [StrategyCheck(), *reliability_callbacks()]
+    if sys.stdout.isatty():
+        callbacks.insert(0, RichProgressBar())
     return LightningCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -16,11 +16,11 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
 from lit_saferlhf.data.adapters import Adapter, PKUSafeRLHF, PromptList, PromptResponse, load_records
 from lit_saferlhf.data.collate import Encoded, Encoder, collate_pairs, collate_prompts, collate_sft
 from lit_saferlhf.data.records import PreferenceRecord, PromptRecord, SafetyPreferenceRecord, SFTRecord
+from lit_saferlhf.data.sampling import ResumableLoader, ResumableSampler, global_seed
 from lit_saferlhf.data.templates import SafeRLHFTemplate, Template
 
 
@@ -69,6 +69,8 @@ class RecordData(L.LightningDataModule, ABC):
         self.on_bad_record, self.limit, self.split = on_bad_record, limit, split
         self.train_set: list[Any] = []
         self.val_set: list[Any] = []
+        self.train_loader: ResumableLoader | None = None
+        self.train_position: dict[str, int] | None = None  # from a checkpoint, for the training loader
 
     def setup(self, stage: str) -> None:
         """Read, split and encode once per process."""
@@ -108,19 +110,38 @@ class RecordData(L.LightningDataModule, ABC):
     def collate(self, batch: Sequence[Any]) -> dict[str, torch.Tensor]:
         """A padded batch."""
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self.loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled training batches; a resumed run continues from the checkpoint's position."""
+        self.train_loader = self.loader(self.train_set, shuffle=True)
+        if self.train_position is not None:
+            self.train_loader.load_state_dict(self.train_position)
+        return self.train_loader
 
-    def val_dataloader(self) -> DataLoader | list:
+    def state_dict(self) -> dict[str, Any]:
+        """The training batches' position (epoch, seed, batches drawn), saved in every checkpoint.
+
+        Lightning also saves a stateful loader's position, but restores it only if the loader is built
+        after the checkpoint is read; ``estimated_stepping_batches`` (the stages' schedules) builds it
+        earlier, so the position travels with the datamodule's state, which is always restored.
+        """
+        return {"train_position": self.train_loader.state_dict()} if self.train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the training batches where ``state`` left them (before or after the loader is built)."""
+        self.train_position = state.get("train_position")
+        if self.train_loader is not None and self.train_position is not None:
+            self.train_loader.load_state_dict(self.train_position)
+
+    def val_dataloader(self) -> ResumableLoader | list:
         """Validation batches (none when there is no validation split)."""
         return self.loader(self.val_set, shuffle=False) if self.val_set else []
 
-    def loader(self, items: list[Any], shuffle: bool) -> DataLoader:
-        """A DataLoader over encoded items."""
-        return DataLoader(
-            items, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers
-        )
+    def loader(self, items: list[Any], shuffle: bool) -> ResumableLoader:
+        """This rank's share of ``items`` in batches, resumable mid-epoch (see ``sampling``)."""
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(items, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=global_seed())
+        return ResumableLoader(items, self.batch_size, self.collate, sampler, num_workers=self.num_workers)
 
     @property
     def pad_id(self) -> int:

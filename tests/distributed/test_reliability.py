@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -275,9 +276,14 @@ def test_the_loss_check_syncs_with_the_host_once_per_step(monkeypatch: pytest.Mo
 @pytest.mark.slow
 def test_runs_killed_by_sigkill_and_sigterm_resume_where_they_left_off(tmp_path: Path) -> None:
     last = tmp_path / "checkpoints" / "last.ckpt"  # written every 7 steps
+    batches = tmp_path / "batches.jsonl"  # each step's samples, appended by every run
+
+    def start_run(name: str, *overrides: str) -> subprocess.Popen:
+        args = sft_args(tmp_path, "--trainer.callbacks+=rank_checks.RecordBatches", *overrides)
+        return start(args, tmp_path / f"{name}.log", env={"BATCH_LOG": str(batches)})
 
     # SIGKILL: the work since the last periodic checkpoint is lost, nothing else.
-    first = start(sft_args(tmp_path), tmp_path / "first.log")
+    first = start_run("first")
     wait_until(last.exists, first, tmp_path / "first.log")
     first.send_signal(signal.SIGKILL)
     finish(first, tmp_path / "first.log", -signal.SIGKILL)
@@ -285,7 +291,7 @@ def test_runs_killed_by_sigkill_and_sigterm_resume_where_they_left_off(tmp_path:
     assert 7 <= killed_at < TOTAL_STEPS
 
     # Resumed, then SIGTERM between periodic checkpoints: it finishes its step, saves last.ckpt there, exits 143.
-    second = start(sft_args(tmp_path, f"--ckpt_path={last}"), tmp_path / "second.log")
+    second = start_run("second", f"--ckpt_path={last}")
     wait_until(lambda: killed_at + 1 in train_steps(tmp_path, 1), second, tmp_path / "second.log")
     second.send_signal(signal.SIGTERM)
     finish(second, tmp_path / "second.log", 128 + signal.SIGTERM)
@@ -294,9 +300,26 @@ def test_runs_killed_by_sigkill_and_sigterm_resume_where_they_left_off(tmp_path:
     assert f"SIGTERM: saved the run at step {terminated_at} to {last}" in (tmp_path / "second.log").read_text()
     assert train_steps(tmp_path, 1) == list(range(killed_at, terminated_at))  # every logged step is in last.ckpt
 
-    third = start(sft_args(tmp_path, f"--ckpt_path={last}"), tmp_path / "third.log")
+    third = start_run("third", f"--ckpt_path={last}")
     finish(third, tmp_path / "third.log", 0)
     assert train_steps(tmp_path, 2) == list(range(terminated_at, TOTAL_STEPS))
     assert global_step(last) == 21  # the last multiple of 7; no stray last-v1.ckpt beside it
     assert sorted(path.name for path in last.parent.iterdir()) == ["epoch=2-step=21.ckpt", "last.ckpt"]
     assert (tmp_path / "model" / "config.json").is_file()
+    check_data_position(batches, killed_at)
+
+
+def check_data_position(batches: Path, killed_at: int) -> None:
+    """Resumed runs drew exactly the batches the killed ones had left: each epoch is one pass over the data."""
+    by_step: dict[int, dict] = {}
+    for line in map(json.loads, batches.read_text().splitlines()):
+        if line["step"] in by_step:  # redone after the SIGKILL: the same batch as the first time
+            assert line == by_step[line["step"]]
+        by_step[line["step"]] = line
+    assert sorted(by_step) == list(range(TOTAL_STEPS))
+    assert killed_at % 8 != 0  # 8 steps an epoch, checkpoints every 7: the first resume was mid-epoch
+    epochs = [[sample for line in by_step.values() if line["epoch"] == epoch for sample in line["samples"]]
+              for epoch in range(3)]  # fmt: skip
+    assert len(epochs[0]) == 256
+    assert Counter(epochs[0]) == Counter(epochs[1]) == Counter(epochs[2])  # no sample repeated or missed
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch

@@ -21,6 +21,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from lit_saferlhf.cli import cli_main
 from lit_saferlhf_plugins.solvers import DualAscent
+from tests.distributed.rank_checks import RecordBatches
 from tests.distributed.test_reliability import (
     REPO,
     finish,
@@ -211,9 +212,10 @@ def test_a_requeued_ppo_lagrangian_run_resumes_with_its_solver_state(
         "--trainer.enable_progress_bar=false",
     ]
     use_environ(monkeypatch, one_task_job(tmp_path))
+    monkeypatch.setenv("BATCH_LOG", str(tmp_path / "batches.jsonl"))
     monkeypatch.chdir(REPO)
     cli = cli_main(args, run=False)
-    cli.trainer.callbacks.insert(0, SignalAtBatch(1, signal.SIGUSR1))
+    cli.trainer.callbacks[:0] = [SignalAtBatch(1, signal.SIGUSR1), RecordBatches()]
     with pytest.raises(SystemExit) as stopped:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert stopped.value.code == 128 + signal.SIGUSR1
@@ -223,7 +225,8 @@ def test_a_requeued_ppo_lagrangian_run_resumes_with_its_solver_state(
     assert saved["solver"]["multiplier"] == saved["multiplier_history"][-1] != 1.0
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    cli_main(["fit", *args])  # no --ckpt_path: Lightning finds hpc_ckpt_1.ckpt in default_root_dir
+    # No --ckpt_path: Lightning finds hpc_ckpt_1.ckpt in default_root_dir.
+    cli_main(["fit", *args, "--trainer.callbacks+=tests.distributed.rank_checks.RecordBatches"])
     multipliers = json.loads((out / "model" / "multiplier_history.json").read_text())["multiplier"]
     assert multipliers[:2] == saved["multiplier_history"]
     (episode_cost,) = [float(row) for row in column(out / "logs" / "version_1", "solver/episode_cost")]
@@ -231,6 +234,9 @@ def test_a_requeued_ppo_lagrangian_run_resumes_with_its_solver_state(
     restored.load_state_dict(saved["solver"])  # λ, cost limit, step size, cap, update count
     restored.update(episode_cost)  # rollout 2's step, from the saved λ
     assert multipliers[2:] == [pytest.approx(restored.multiplier, rel=1e-5)]
+    prompts = [json.loads(line)["samples"] for line in (tmp_path / "batches.jsonl").read_text().splitlines()]
+    assert len(prompts) == 3  # rollouts 0 and 1, then 2 after the requeue
+    assert not set(prompts[2]) & set(prompts[0] + prompts[1])  # the epoch's third batch, not its first again
 
 
 def column(version: Path, name: str) -> list[str]:

@@ -100,13 +100,12 @@ def check_ranks(records: list[dict], strategy: str) -> None:
         assert values[0] == pytest.approx(values[1]), name  # torchmetrics sync: every rank logs the same
     for gathered in records[0]["multipliers"]:
         assert gathered[0] == gathered[1]  # both ranks stepped λ from the same reduced cost
+    assert records[0]["samples"] != records[1]["samples"]  # each rank trains on its own share of the data
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-@pytest.mark.parametrize("stage", ["sft", "reward", "cost", "ppo_lag"])
-def test_stage_runs_on_two_processes(stage: str, strategy: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    overrides = {
+def stage_overrides(stage: str, tiny_models: dict[str, Path]) -> list[str]:
+    """Arguments that point a stage at the tiny trained models and keep PPO to 2 short rollouts."""
+    return {
         "sft": [],
         "reward": [f"--model.init_args.model.path={tiny_models['sft']}"],
         "cost": [f"--model.init_args.model.path={tiny_models['sft']}"],
@@ -120,7 +119,13 @@ def test_stage_runs_on_two_processes(stage: str, strategy: str, tiny_models: dic
             "--model.init_args.generation.max_new_tokens=6",
         ],
     }[stage]
-    records = run_stage(stage, strategy, tmp_path, *overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("stage", ["sft", "reward", "cost", "ppo_lag"])
+def test_stage_runs_on_two_processes(stage: str, strategy: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    records = run_stage(stage, strategy, tmp_path, *stage_overrides(stage, tiny_models))
     check_ranks(records, strategy)
     if stage == "ppo_lag":
         assert len(records[0]["multipliers"]) == 2
