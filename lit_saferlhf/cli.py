@@ -6,6 +6,7 @@
     lit-saferlhf pipeline --config cli_configs/tiny/pipeline.yaml   # all four stages, evaluation, report
     lit-saferlhf fit --config cli_configs/tiny/sft.yaml             # run one stage
     lit-saferlhf evaluate --config ...                              # compare policies
+    lit-saferlhf export --config <stage>.yaml --ckpt_path CKPT --out DIR   # a checkpoint -> Hugging Face dir
     lit-saferlhf world --out outputs/world                          # write the safety world's files
 
 Built-in solvers and datamodules are imported here, and so are solvers that other packages
@@ -23,6 +24,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from torch.distributed.fsdp import MixedPrecision
 
 import lit_saferlhf.data  # noqa: F401  (datamodules and adapters, so short names resolve)
 import lit_saferlhf.stages  # noqa: F401  (stage modules, so short names resolve)
@@ -34,7 +36,8 @@ from lit_saferlhf.reliability import reliability_callbacks
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
     """Parse ``args`` (a Lightning subcommand first, unless ``run`` is False) and run it."""
     load_solver_plugins()
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # MixedPrecision is a dataclass, which jsonargparse otherwise takes only as itself (fsdp.yaml names a subclass).
+    set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[MixedPrecision])
     # In every run: a start-up check of the stage against the strategy, atomic checkpoints, a stop on
     # non-finite losses, and a save on SIGTERM / SLURM requeue.
     callbacks = [StrategyCheck(), *reliability_callbacks()]
@@ -79,9 +82,17 @@ def evaluate_command(argv: Sequence[str]) -> None:
     run(argv)
 
 
+def export_command(argv: Sequence[str]) -> None:
+    """``lit-saferlhf export``: write a stage's Hugging Face dir from any of its training checkpoints."""
+    from lit_saferlhf.consolidate import export_command as run
+
+    run(argv)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "pipeline": pipeline_command,
     "evaluate": evaluate_command,
+    "export": export_command,
     "world": world_command,
 }
 

@@ -5,7 +5,7 @@ A pipeline YAML lists stages, each a stage config plus the links that feed earli
 ``<out_dir>/<name>/``: its Hugging Face export in ``model/``, checkpoints in ``checkpoints/``
 (``last.ckpt`` every ``checkpoint_every`` steps), CSV logs in ``logs/``, and ``stage.json`` once it
 has finished. Repeating the command skips finished stages and resumes an interrupted one from
-``last.ckpt``.
+the newest of ``last.ckpt`` and a SLURM ``hpc_ckpt_<n>.ckpt`` (a file, or a folder under sharded strategies).
 """
 
 from __future__ import annotations
@@ -86,9 +86,17 @@ def stage_args(spec: StageSpec, out_dir: Path, checkpoint_every: int) -> list[st
     args = ["fit", "--config", spec.config]
     for key, value in settings.items():
         args.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
-    saved = [stage_dir / "checkpoints" / "last.ckpt", *stage_dir.glob("hpc_ckpt_*.ckpt")]  # hpc: a SLURM requeue
-    saved = [path for path in saved if path.is_file()]
-    return [*args, f"--ckpt_path={max(saved, key=lambda path: path.stat().st_mtime)}"] if saved else args
+    newest = newest_checkpoint(stage_dir)
+    return [*args, f"--ckpt_path={newest}"] if newest else args
+
+
+def newest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newer of ``checkpoints/last.ckpt`` and ``hpc_ckpt_<n>.ckpt`` (a SLURM requeue), files or sharded folders."""
+    from lit_saferlhf.consolidate import checkpoint_kind
+
+    saved = [stage_dir / "checkpoints" / "last.ckpt", *stage_dir.glob("hpc_ckpt_*.ckpt")]
+    saved = [path for path in saved if checkpoint_kind(path) is not None]
+    return max(saved, key=lambda path: path.stat().st_mtime) if saved else None
 
 
 def run_stage(index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint_every: int) -> dict[str, Any]:

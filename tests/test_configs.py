@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
 
 from lit_saferlhf.cli import cli_main
 
@@ -40,3 +43,17 @@ def test_fragment_composes_with_the_tiny_ppo_config(fragment: Path, capsys: pyte
     printed = capsys.readouterr().out
     for key, value in yaml.safe_load(fragment.read_text()).get("model", {}).get("init_args", {}).items():
         assert value["class_path"] in printed, key
+
+
+def test_the_fsdp_fragment_computes_in_bf16_and_reduces_gradients_in_fp32(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):  # parses with the CLI's settings; the Trainer itself needs a GPU
+        cli_main(["fit", f"--config={CONFIGS / 'tiny/sft.yaml'}", f"--config={CONFIGS / 'strategies/fsdp.yaml'}",
+                  "--print_config"])  # fmt: skip
+    assert "lit_saferlhf.strategies.BF16MixedPrecision" in capsys.readouterr().out
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    fragment = yaml.safe_load((CONFIGS / "strategies/fsdp.yaml").read_text())["trainer"]["strategy"]
+    strategy = parser.instantiate(parser.parse_object({"strategy": fragment})).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    precision = strategy.mixed_precision
+    assert (precision.param_dtype, precision.reduce_dtype) == (torch.bfloat16, torch.float32)

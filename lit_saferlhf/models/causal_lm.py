@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_saferlhf.models.zero3 import build_partitioned, partitioning
+
 SAFETY_WORLD_TOKENIZER = "safety-world"
 """Tokenizer name that selects the embedded safety world's word-level tokenizer."""
 
@@ -91,10 +93,13 @@ def load_config(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> Any:
 def build_causal_lm(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A causal LM from ``source``: pretrained weights, or random weights from a config.
 
-    The embeddings are resized when the tokenizer grew (an added padding token).
+    The embeddings are resized when the tokenizer grew (an added padding token). Under DeepSpeed
+    ZeRO-3 the pretrained weights are copied into the partitioned network (see ``zero3``).
     """
     config = load_config(source, tokenizer)
-    if source.path is not None:
+    if partitioning():
+        model = build_partitioned(AutoModelForCausalLM, config, source.path, source.trust_remote_code)
+    elif source.path is not None:
         model = AutoModelForCausalLM.from_pretrained(
             source.path, config=config, dtype=torch_dtype(source.dtype), trust_remote_code=source.trust_remote_code
         )
@@ -108,7 +113,14 @@ def build_causal_lm(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> 
 
 def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Grow the input (and tied output) embeddings when the tokenizer has more tokens."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows and partitioning():
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings {rows} rows, and they cannot be "
+            "resized once DeepSpeed ZeRO-3 has partitioned them: resize and save the model first (e.g. run the "
+            "SFT stage without ZeRO-3, or load it, call resize_token_embeddings and save_pretrained)"
+        )
+    if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
 
 

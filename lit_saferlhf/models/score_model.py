@@ -23,6 +23,7 @@ from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_saferlhf.losses import end_scores
 from lit_saferlhf.models.causal_lm import ModelSource, fit_embeddings, load_config, replace_dir, torch_dtype
+from lit_saferlhf.models.zero3 import build_partitioned, load_partitioned, partitioning
 
 HEAD_FILE = "score_head.safetensors"
 META_FILE = "score_model.json"
@@ -78,6 +79,19 @@ class ScoreNormalizer(nn.Module):
         return ((scores - self.mean) / std).to(scores.dtype)
 
 
+class ScoreHead(nn.Linear):
+    """``Linear(hidden, 1)`` whose bias starts at 0, so scores start centred.
+
+    Zeroed in ``reset_parameters`` (inside the constructor) rather than after it, because DeepSpeed
+    ZeRO-3 partitions a layer as soon as its constructor returns.
+    """
+
+    def reset_parameters(self) -> None:
+        """Default weight initialisation; zero bias."""
+        super().reset_parameters()
+        nn.init.zeros_(self.bias)
+
+
 class ScoreModel(nn.Module):
     """A backbone (``AutoModel``) plus ``Linear(hidden, 1)`` with a zero bias at init.
 
@@ -90,8 +104,7 @@ class ScoreModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.get_text_config().hidden_size
-        self.score_head = nn.Linear(hidden, 1, dtype=backbone.dtype)
-        nn.init.zeros_(self.score_head.bias)
+        self.score_head = ScoreHead(hidden, 1, dtype=backbone.dtype)
         self.normalizer = normalizer or ScoreNormalizer()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> ScoreOutput:
@@ -107,7 +120,9 @@ class ScoreModel(nn.Module):
         """Build from a hub name or dir (a causal LM, a base model or a saved score model) or a config."""
         config = load_config(source, tokenizer)
         kwargs = {"config": config, "trust_remote_code": source.trust_remote_code}
-        if source.path is None:
+        if partitioning():  # DeepSpeed ZeRO-3 (see ``zero3``)
+            backbone = build_partitioned(AutoModel, config, source.path, source.trust_remote_code)
+        elif source.path is None:
             backbone = AutoModel.from_config(**kwargs)
         else:
             backbone = AutoModel.from_pretrained(source.path, dtype=torch_dtype(source.dtype), **kwargs)
@@ -123,7 +138,11 @@ class ScoreModel(nn.Module):
         """Load the head and normaliser saved by ``save_pretrained``."""
         tensors = load_file(model_dir / HEAD_FILE)
         meta = json.loads((model_dir / META_FILE).read_text())
-        self.score_head.load_state_dict({"weight": tensors["weight"], "bias": tensors["bias"]})
+        head = {"weight": tensors["weight"], "bias": tensors["bias"]}
+        if partitioning():
+            load_partitioned(self.score_head, head)
+        else:
+            self.score_head.load_state_dict(head)
         self.normalizer.kind, self.normalizer.momentum = meta["normalizer"]["kind"], meta["normalizer"]["momentum"]
         self.normalizer.enabled = meta["normalizer"]["enabled"]
         for name in ("mean", "var", "count"):

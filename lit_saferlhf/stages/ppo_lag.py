@@ -330,11 +330,21 @@ class PPOLagrangian(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Export the aligned policy and λ's history."""
-        state = full_state_dict(self.actor)  # every rank takes part in gathering a sharded model
+        state = full_state_dict(self, "actor")  # every rank takes part in gathering a sharded model
         if self.export_dir and self.trainer.is_global_zero:
-            export(self.actor, self.tokenizer, self.export_dir, state_dict=state)
-            history = {"solver": type(self.solver).__name__, "multiplier": self.multiplier_history}
-            (Path(self.export_dir) / "multiplier_history.json").write_text(json.dumps(history))
+            self.export_to(self.export_dir, state)
+
+    def export_to(self, out: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the actor as a Hugging Face dir with ``multiplier_history.json`` (also ``lit-saferlhf export``).
+
+        Args:
+            out: The dir to write (replaced atomically if it exists).
+            state_dict: The actor's gathered full state when it is sharded; None writes the live weights.
+        """
+        out = export(self.actor, self.tokenizer, out, state_dict=state_dict)
+        history = {"solver": type(self.solver).__name__, "multiplier": self.multiplier_history}
+        (out / "multiplier_history.json").write_text(json.dumps(history))
+        return out
 
     def configure_optimizers(self) -> dict:
         """One AdamW: actor and critics in their own parameter groups, each with its schedule."""

@@ -7,6 +7,7 @@ forward over both sides of each pair, metrics, export); each stage adds its obje
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import lightning as L
@@ -136,9 +137,18 @@ class ScoreModelStage(L.LightningModule, ABC):
 
     def on_train_end(self) -> None:
         """Export the score model (backbone, head, normaliser, tokenizer)."""
-        state = full_state_dict(self.model)  # every rank takes part in gathering a sharded model
+        state = full_state_dict(self, "model")  # every rank takes part in gathering a sharded model
         if self.export_dir and self.trainer.is_global_zero:
-            self.model.save_pretrained(self.export_dir, self.tokenizer, state_dict=state)
+            self.export_to(self.export_dir, state)
+
+    def export_to(self, out: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the score model dir (also what ``lit-saferlhf export`` writes).
+
+        Args:
+            out: The dir to write (replaced atomically if it exists).
+            state_dict: The score model's gathered full state when it is sharded; None writes the live weights.
+        """
+        return self.model.save_pretrained(out, self.tokenizer, state_dict=state_dict)
 
     def configure_optimizers(self) -> dict:
         """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""

@@ -7,6 +7,8 @@ and PPO stages start from.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -94,9 +96,18 @@ class SFTModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Export the fine-tuned policy as a Hugging Face dir."""
-        state = full_state_dict(self.model)  # every rank takes part in gathering a sharded model
+        state = full_state_dict(self, "model")  # every rank takes part in gathering a sharded model
         if self.export_dir and self.trainer.is_global_zero:
-            export(self.model, self.tokenizer, self.export_dir, state_dict=state)
+            self.export_to(self.export_dir, state)
+
+    def export_to(self, out: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the policy and tokenizer as a Hugging Face dir (also what ``lit-saferlhf export`` writes).
+
+        Args:
+            out: The dir to write (replaced atomically if it exists).
+            state_dict: The policy's gathered full state when it is sharded; None writes the live weights.
+        """
+        return export(self.model, self.tokenizer, out, state_dict=state_dict)
 
     def configure_optimizers(self) -> dict:
         """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""
