@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM
 import lit_saferlhf.strategies as strategies
 from lit_saferlhf.cli import main
 from lit_saferlhf.consolidate import build_stage, checkpoint_kind, export_checkpoint, load_checkpoint
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
 from lit_saferlhf.models.sharding import full_state_dict
 from lit_saferlhf.pipeline import newest_checkpoint
 from lit_saferlhf.reliability import partial_path
@@ -309,7 +310,26 @@ def gather_worker(kind: str, out: Path) -> None:
     metadata = {"global_step": 3, "hyper_parameters": {"_class_path": "lit_saferlhf.stages.SFTModule"}}
     (save_zero3_folder if kind == "zero3" else save_fsdp1_folder)(root, out / "checkpoint.ckpt", metadata)
     torch.distributed.barrier()
+    if kind == "zero3":
+        load_into_zero3(out / "fit_export", expected)
     torch.distributed.destroy_process_group()
+
+
+def load_into_zero3(export: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Build the exported policy partitioned over both ranks, as ``configure_model`` under ZeRO-3 does (only rank 0
+    reads the files); gathered, every rank holds the exported weights."""
+    import deepspeed
+
+    source = ModelSource(path=str(export))
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = build_causal_lm(source, load_tokenizer(source))
+    params = list(model.parameters())
+    assert sum(param.ds_tensor.numel() for param in params) < sum(param.ds_numel for param in params)  # a shard
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        state = model.state_dict()
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[key], expected[key]) for key in expected)
 
 
 def run_workers(kind: str, out: Path) -> None:
