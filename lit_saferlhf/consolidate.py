@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
@@ -35,6 +34,7 @@ from torch import Tensor
 
 import lit_saferlhf.data  # noqa: F401  (datamodules and adapters, so the configs' short names resolve)
 import lit_saferlhf.stages  # noqa: F401  (stage modules, so the configs' short names resolve)
+from lit_saferlhf.cli import configure_parsing
 from lit_saferlhf.registry import load_solver_plugins
 
 CheckpointKind = Literal["file", "distributed", "deepspeed"]
@@ -151,7 +151,7 @@ def build_stage(fit_args: Sequence[str]) -> L.LightningModule:
         fit_args: ``fit``'s arguments (``--config`` files and flags), without ``fit`` and ``--ckpt_path``.
     """
     load_solver_plugins()
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    configure_parsing()
     cli = StageCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -79,7 +79,9 @@ def assert_same_weights(exported: Path, expected: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "strategy", [(), (CONFIGS / "strategies/deepspeed_zero3.yaml",)], ids=["alone", "gpu-strategy"]
+    "strategy",
+    [(), *((path,) for path in sorted((CONFIGS / "strategies").glob("*.yaml")))],
+    ids=lambda fragments: fragments[0].stem if fragments else "alone",
 )
 def test_exporting_an_sft_checkpoint_gives_the_end_of_fit_export(
     strategy: tuple[Path, ...], runs: dict[str, Path], tmp_path: Path
