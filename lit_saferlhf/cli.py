@@ -34,14 +34,14 @@ from lit_saferlhf.reliability import reliability_callbacks
 
 
 def configure_parsing() -> None:
-    """The jsonargparse settings every command parses stage configs with (``fit``, ``export``, ...)."""
+    """What commands that parse stage configs (``fit``, ``export``) need: plugin solvers, jsonargparse settings."""
+    load_solver_plugins()
     # MixedPrecision is a dataclass, which jsonargparse otherwise takes only as itself (fsdp.yaml names a subclass).
     set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[MixedPrecision])
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
     """Parse ``args`` (a Lightning subcommand first, unless ``run`` is False) and run it."""
-    load_solver_plugins()
     configure_parsing()
     # In every run: a start-up check of the stage against the strategy, atomic checkpoints, a stop on
     # non-finite losses, and a save on SIGTERM / SLURM requeue.

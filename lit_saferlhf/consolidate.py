@@ -32,10 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from torch import Tensor
 
-import lit_saferlhf.data  # noqa: F401  (datamodules and adapters, so the configs' short names resolve)
-import lit_saferlhf.stages  # noqa: F401  (stage modules, so the configs' short names resolve)
-from lit_saferlhf.cli import configure_parsing
-from lit_saferlhf.registry import load_solver_plugins
+from lit_saferlhf.cli import configure_parsing  # (importing the CLI imports the stages and datamodules)
 
 CheckpointKind = Literal["file", "distributed", "deepspeed"]
 DEEPSPEED_LATEST = "latest"
@@ -150,7 +147,6 @@ def build_stage(fit_args: Sequence[str]) -> L.LightningModule:
     Args:
         fit_args: ``fit``'s arguments (``--config`` files and flags), without ``fit`` and ``--ckpt_path``.
     """
-    load_solver_plugins()
     configure_parsing()
     cli = StageCLI(
         L.LightningModule,

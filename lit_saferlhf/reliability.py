@@ -119,8 +119,9 @@ class AtomicCheckpoints(Callback):
 
     Installed at ``setup`` rather than as a ``trainer.plugins`` default, so a config that sets its own
     ``trainer.plugins`` (a SLURM environment, say) still gets atomic writes. A strategy with its own
-    checkpoint IO (a user's CheckpointIO plugin, XLA, async wrappers) is left alone, and DeepSpeed and
-    sharded FSDP checkpoints are folders written by those libraries, which this does not touch.
+    checkpoint IO (a user's CheckpointIO plugin, XLA, async wrappers) is left alone. Sharded checkpoints
+    are folders that bypass the CheckpointIO: ``strategies.FSDP2Strategy`` makes FSDP2's atomic, while
+    DeepSpeed's and FSDP1's are written by those libraries as they are.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -37,7 +37,7 @@ from lit_saferlhf.pipeline import newest_checkpoint
 from lit_saferlhf.reliability import partial_path
 from lit_saferlhf.strategies import discard, exchange, move_into_place
 from tests.distributed.test_reliability import train_steps
-from tests.distributed.test_strategies import STRATEGIES, clean_environment, run_stage
+from tests.distributed.test_strategies import STRATEGIES, clean_environment, fit_on_two_processes, run_stage
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -142,29 +142,9 @@ def sft_overrides(checkpoints: Path) -> list[str]:
 
 def run_until_killed(out: Path, *overrides: str) -> int:
     """``lit-saferlhf fit`` of the tiny SFT under FSDP2 on 2 CPU processes, which kill themselves; the exit status."""
-    args = [
-        sys.executable, "-m", "lit_saferlhf.cli", "fit", f"--config={SFT}", *STRATEGIES["fsdp2"],
-        "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}", f"--model.init_args.export_dir={out / 'model'}",
-        "--trainer.enable_progress_bar=false", *overrides,
-    ]  # fmt: skip
-    env = {
-        **clean_environment(),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    process = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"the run did not crash in time:\n{process.communicate()[0][-4000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # a rank left behind
-    assert process.returncode != 0, output[-4000:]
-    return process.returncode
+    run = fit_on_two_processes([f"--config={SFT}", *STRATEGIES["fsdp2"]], out, *overrides)
+    assert run.returncode != 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return run.returncode
 
 
 def saved_step(path: Path) -> int:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,33 +47,24 @@ def clean_environment() -> dict[str, str]:
     }
 
 
-def run_stage(stage: str, strategy: str, out: Path, *overrides: str) -> list[dict]:
-    """``lit-saferlhf fit`` on 2 CPU processes; each rank's record."""
-    checks = out / "checks"
-    checks.mkdir(parents=True)
+def fit_on_two_processes(setup: list[str], out: Path, *overrides: str, env: dict[str, str] | None = None) -> Any:
+    """``lit-saferlhf fit <setup>`` (the stage config, then the strategy) on 2 CPU processes, outputs under ``out``.
+
+    The run gets its own process group: if one rank dies, the timeout kills the other too instead of
+    leaving it hanging. Returns the ``subprocess.CompletedProcess``.
+    """
     args = [
-        sys.executable,
-        "-m",
-        "lit_saferlhf.cli",
-        "fit",
-        f"--config={REPO / 'cli_configs/tiny' / f'{stage}.yaml'}",
-        *STRATEGIES[strategy],
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}",
-        f"--model.init_args.export_dir={out / 'model'}",
-        "--trainer.callbacks+=rank_checks.RecordRanks",
-        *QUICK,
-        *overrides,
-    ]
+        sys.executable, "-m", "lit_saferlhf.cli", "fit", *setup,
+        "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}", f"--model.init_args.export_dir={out / 'model'}",
+        "--trainer.enable_progress_bar=false", *overrides,
+    ]  # fmt: skip
     env = {
-        **os.environ,
-        "RANK_CHECKS_DIR": str(checks),
+        **clean_environment(),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
     }
-    # Its own process group: if one rank dies, the timeout kills the other too instead of leaving it hanging.
     process = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
     try:
@@ -80,11 +72,23 @@ def run_stage(stage: str, strategy: str, out: Path, *overrides: str) -> list[dic
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"{stage} under {strategy} timed out:\n{stdout[-2000:]}{stderr[-4000:]}")
+        pytest.fail(f"fit {' '.join(setup)} timed out:\n{stdout[-2000:]}{stderr[-4000:]}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # ranks a finished run may have left behind
-    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def run_stage(stage: str, strategy: str, out: Path, *overrides: str) -> list[dict]:
+    """``lit-saferlhf fit`` on 2 CPU processes; each rank's record."""
+    checks = out / "checks"
+    checks.mkdir(parents=True)
+    setup = [f"--config={REPO / 'cli_configs/tiny' / f'{stage}.yaml'}", *STRATEGIES[strategy]]
+    run = fit_on_two_processes(
+        setup, out, "--trainer.callbacks+=rank_checks.RecordRanks", *QUICK, *overrides,
+        env={"RANK_CHECKS_DIR": str(checks)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return [json.loads((checks / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 

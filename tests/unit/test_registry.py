@@ -177,17 +177,22 @@ def test_solver_config_fragments_instantiate(config: str, expected: ConstraintSo
     assert solver.uses_cost is (config != "ppo.yaml")
 
 
-@pytest.mark.parametrize("config", ["ppo.yaml", "fixed_penalty.yaml", "dual_ascent.yaml", "pid_lagrangian.yaml"])
-def test_solver_config_fragment_overrides_a_first_config_completely(config: str, tmp_path: Path) -> None:
-    # A first config naming DualAscent with non-default values, as a stage config would.
-    base = {"class_path": "DualAscent", "init_args": {"lr": 0.3, "init_multiplier": 2.0, "update_delay": 4}}
+def solver_after_fragment(base: dict, fragment: str, tmp_path: Path) -> ConstraintSolver:
+    """The solver of a stage config naming ``base``, then ``--config cli_configs/solvers/<fragment>``."""
     (tmp_path / "stage.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"solver": base}}}))
     load_solver_plugins()
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action="config")
     parser.add_argument("--model.init_args.solver", type=ConstraintSolver)
-    config_args = ["--config", str(tmp_path / "stage.yaml"), "--config", str(SOLVER_CONFIGS / config)]
-    layered = parser.instantiate_classes(parser.parse_args(config_args)).model.init_args.solver
+    config_args = ["--config", str(tmp_path / "stage.yaml"), "--config", str(SOLVER_CONFIGS / fragment)]
+    return parser.instantiate_classes(parser.parse_args(config_args)).model.init_args.solver
+
+
+@pytest.mark.parametrize("config", ["ppo.yaml", "fixed_penalty.yaml", "dual_ascent.yaml", "pid_lagrangian.yaml"])
+def test_solver_config_fragment_overrides_a_first_config_completely(config: str, tmp_path: Path) -> None:
+    # A first config naming DualAscent with non-default values, as a stage config would.
+    base = {"class_path": "DualAscent", "init_args": {"lr": 0.3, "init_multiplier": 2.0, "update_delay": 4}}
+    layered = solver_after_fragment(base, config, tmp_path)
     alone = yaml.safe_load((SOLVER_CONFIGS / config).read_text())["model"]["init_args"]["solver"]
     parser = _solver_parser()
     expected = parser.instantiate_classes(parser.parse_object({"solver": alone})).solver
@@ -217,10 +222,4 @@ def test_the_cli_resolves_an_installed_plugin_by_short_name(site: Path, capsys: 
 def test_solver_fragment_keeps_the_stage_cost_limit(config: str, tmp_path: Path) -> None:
     # The constraint threshold d belongs to the experiment, not to the solver's rule: it must survive a swap.
     base = {"class_path": "DualAscent", "init_args": {"cost_limit": -5.0}}
-    (tmp_path / "stage.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"solver": base}}}))
-    load_solver_plugins()
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--config", action="config")
-    parser.add_argument("--model.init_args.solver", type=ConstraintSolver)
-    config_args = ["--config", str(tmp_path / "stage.yaml"), "--config", str(SOLVER_CONFIGS / config)]
-    assert parser.instantiate_classes(parser.parse_args(config_args)).model.init_args.solver.cost_limit == -5.0
+    assert solver_after_fragment(base, config, tmp_path).cost_limit == -5.0

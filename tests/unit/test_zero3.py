@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import deepspeed
 import pytest
 import torch
 from torch import nn
@@ -16,7 +17,6 @@ from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tok
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.zero3 import load_partitioned, partitioning
 
-deepspeed = pytest.importorskip("deepspeed")
 ZERO3 = {"zero_optimization": {"stage": 3}, "train_batch_size": 1}
 
 
