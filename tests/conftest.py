@@ -23,7 +23,15 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny configs as shipped (a few epochs each, ~45 s on 2 CPU cores)."""
+    """The tiny configs as shipped (a few epochs each, ~45 s on 2 CPU cores).
+
+    For the inner loop, ``LIT_SAFERLHF_TINY_MODELS=outputs/tiny/pipeline`` reuses a finished pipeline's
+    ``{sft,reward,cost}/model`` instead of training them again (CI never sets it).
+    """
+    reuse = os.environ.get("LIT_SAFERLHF_TINY_MODELS")
+    if reuse:
+        root = Path(reuse).resolve()
+        return {"root": root, **{name: root / name / "model" for name in ("sft", "reward", "cost")}}
     root = tmp_path_factory.mktemp("tiny")
     sft = fit("tiny/sft.yaml", root / "sft")
     start = f"--model.init_args.model.path={sft}"
