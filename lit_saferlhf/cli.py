@@ -9,9 +9,11 @@
     lit-saferlhf export --config <stage>.yaml --ckpt_path CKPT --out DIR   # a checkpoint -> Hugging Face dir
     lit-saferlhf world --out outputs/world                          # write the safety world's files
 
-Built-in solvers and datamodules are imported here, and so are solvers that other packages
-register under the ``lit_saferlhf.solvers`` entry-point group, so YAML and the command line can
-name them by short class name (``--model.solver PIDLagrangian``) or by full import path.
+Built-in solvers and datamodules are imported (by ``lit_saferlhf.parsing``, which the command
+modules share), and so are solvers that other packages register under the ``lit_saferlhf.solvers``
+entry-point group, so YAML and the command line can name them by short class name
+(``--model.solver PIDLagrangian``) or by full import path. Nothing in the package imports this module:
+it is the entry point.
 """
 
 from __future__ import annotations
@@ -20,45 +22,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-import lightning as L
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.cli import LightningCLI
-from torch.distributed.fsdp import MixedPrecision
+from lit_saferlhf.parsing import cli_main, configure_parsing
 
-import lit_saferlhf.data  # noqa: F401  (datamodules and adapters, so short names resolve)
-import lit_saferlhf.stages  # noqa: F401  (stage modules, so short names resolve)
-from lit_saferlhf.compatibility import StrategyCheck
-from lit_saferlhf.registry import load_solver_plugins
-from lit_saferlhf.reliability import reliability_callbacks
-
-
-def configure_parsing() -> None:
-    """What commands that parse stage configs (``fit``, ``export``) need: plugin solvers, jsonargparse settings."""
-    load_solver_plugins()
-    # MixedPrecision is a dataclass, which jsonargparse otherwise takes only as itself (fsdp.yaml names a subclass).
-    set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[MixedPrecision])
-
-
-def cli_main(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
-    """Parse ``args`` (a Lightning subcommand first, unless ``run`` is False) and run it."""
-    configure_parsing()
-    # In every run: a start-up check of the stage against the strategy, atomic checkpoints, a stop on
-    # non-finite losses, and a save on SIGTERM / SLURM requeue.
-    callbacks = [StrategyCheck(), *reliability_callbacks()]
-    if sys.stdout.isatty():
-        callbacks.insert(0, RichProgressBar())
-    return LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": callbacks},
-        args=list(args) if args is not None else None,
-        run=run,
-    )
+__all__ = ["COMMANDS", "cli_main", "configure_parsing", "main"]
 
 
 def world_command(argv: Sequence[str]) -> None:

@@ -32,7 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from torch import Tensor
 
-from lit_saferlhf.cli import configure_parsing  # (importing the CLI imports the stages and datamodules)
+from lit_saferlhf.parsing import configure_parsing  # (importing it imports the stages and datamodules)
 
 CheckpointKind = Literal["file", "distributed", "deepspeed"]
 DEEPSPEED_LATEST = "latest"

@@ -101,7 +101,7 @@ def newest_checkpoint(stage_dir: Path) -> Path | None:
 
 def run_stage(index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint_every: int) -> dict[str, Any]:
     """Run one stage unless it has finished before; its record (``stage.json``)."""
-    from lit_saferlhf.cli import cli_main
+    from lit_saferlhf.parsing import cli_main
 
     done = out_dir / spec.name / "stage.json"
     if done.is_file():

@@ -40,3 +40,13 @@ def test_plugins_are_installed_under_the_project_namespace() -> None:
 
     assert Path(solvers.__file__).parent.name == "solvers"
     assert {"DualAscent", "FixedPenalty", "PIDLagrangian"} <= set(dir(solvers))
+
+
+def test_only_the_entry_point_imports_the_cli() -> None:
+    """Command modules share ``lit_saferlhf.parsing``; importing ``lit_saferlhf.cli`` from them makes circles."""
+    importers = [
+        path.relative_to(PACKAGE).as_posix()
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "cli.py" and "lit_saferlhf.cli" in imported_modules(path)
+    ]
+    assert not importers, f"{importers} import lit_saferlhf.cli: import lit_saferlhf.parsing instead"

@@ -1,0 +1,51 @@
+"""Parsing set-up shared by every command that reads stage configs (``fit``, ``export``, ``pipeline``).
+
+The command modules (``consolidate``, ``pipeline``) import this module, never ``lit_saferlhf.cli``,
+so the entry point sits on top of them and no import circle forms. Importing it imports the
+stages, datamodules and adapters, so YAML and the command line can name them by short class name.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import lightning as L
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from torch.distributed.fsdp import MixedPrecision
+
+import lit_saferlhf.data  # noqa: F401  (datamodules and adapters, so short names resolve)
+import lit_saferlhf.stages  # noqa: F401  (stage modules, so short names resolve)
+from lit_saferlhf.compatibility import StrategyCheck
+from lit_saferlhf.registry import load_solver_plugins
+from lit_saferlhf.reliability import reliability_callbacks
+
+
+def configure_parsing() -> None:
+    """What commands that parse stage configs (``fit``, ``export``) need: plugin solvers, jsonargparse settings."""
+    load_solver_plugins()
+    # MixedPrecision is a dataclass, which jsonargparse otherwise takes only as itself (fsdp.yaml names a subclass).
+    set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[MixedPrecision])
+
+
+def cli_main(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
+    """Parse ``args`` (a Lightning subcommand first, unless ``run`` is False) and run it."""
+    configure_parsing()
+    # In every run: a start-up check of the stage against the strategy, atomic checkpoints, a stop on
+    # non-finite losses, and a save on SIGTERM / SLURM requeue.
+    callbacks = [StrategyCheck(), *reliability_callbacks()]
+    if sys.stdout.isatty():
+        callbacks.insert(0, RichProgressBar())
+    return LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": callbacks},
+        args=list(args) if args is not None else None,
+        run=run,
+    )
