@@ -1,0 +1,96 @@
+"""The baselines: DPO and IPO on helpfulness or safety pairs, and KTO on per-response safety labels.
+
+SACPO (Wachi et al., NeurIPS 2024; METHODS.md §5) is two runs of the preference stage with these:
+``DPO(pairs=helpfulness, beta=β)`` from the SFT policy, then ``DPO(pairs=safety, beta=β/λ)`` or
+``KTO(beta=β/λ)`` with the first run's export as both the starting policy and the reference
+(``cli_configs/tiny/offline/sacpo_{helpful,safe}.yaml``); P-SACPO is ``lit-saferlhf merge``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from torch import Tensor
+
+from lit_saferlhf.objectives import Label, Objective, PairBatch, dpo_loss, ipo_loss, kto_loss, ordered
+
+PairKind = Literal["helpfulness", "safety"]
+
+
+def _label(pairs: PairKind) -> Label:
+    if pairs not in ("helpfulness", "safety"):
+        raise ValueError(f"objective pairs: expected 'helpfulness' or 'safety', found {pairs!r}")
+    return "better" if pairs == "helpfulness" else "safer"
+
+
+class DPO(Objective):
+    """Direct Preference Optimization, ``−log σ(β h)`` (Rafailov et al., 2023, Eq. 7).
+
+    Args:
+        beta: β, the KL weight (DPO and SACPO step 1: 0.1; SACPO step 2: β/λ, e.g. 0.025).
+        pairs: Which ordering of each row to learn: ``helpfulness`` (better_response_id) or
+            ``safety`` (safer_response_id).
+    """
+
+    requires: ClassVar[tuple[Label, ...]] = ("better",)
+
+    def __init__(self, beta: float = 0.1, pairs: PairKind = "helpfulness") -> None:
+        self.beta, self.pairs = beta, pairs
+        self.requires = (_label(pairs),)
+
+    def __call__(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """DPO loss on the chosen ordering."""
+        chosen, rejected = ordered(batch.logratios, getattr(batch, self.requires[0]))
+        return dpo_loss(chosen, rejected, self.beta)
+
+
+class IPO(Objective):
+    """Identity Preference Optimization, ``(h − 1/(2τ))²`` (Azar et al., 2023, Eq. 17).
+
+    Args:
+        tau: τ; the margin the policy is regressed to is ``1/(2τ)``.
+        pairs: ``helpfulness`` or ``safety`` (as in ``DPO``).
+    """
+
+    requires: ClassVar[tuple[Label, ...]] = ("better",)
+
+    def __init__(self, tau: float = 0.1, pairs: PairKind = "helpfulness") -> None:
+        self.tau, self.pairs = tau, pairs
+        self.requires = (_label(pairs),)
+
+    def __call__(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """IPO loss on the chosen ordering."""
+        chosen, rejected = ordered(batch.logratios, getattr(batch, self.requires[0]))
+        return ipo_loss(chosen, rejected, self.tau)
+
+
+class KTO(Objective):
+    """KTO on both responses of each row, desirable = safe (SACPO's KTO safety step; METHODS.md §5(b)).
+
+    The reference point z: TRL estimates KL(π_θ‖π_ref) from mismatched prompt/response pairs, an
+    extra forward per batch. We use the batch mean of ρ_θ over this batch's own responses,
+    detached and clamped at 0 (a cheaper estimate of the same quantity; METHODS.md notes the exact
+    estimator depends on the TRL version). Decision recorded here, not verified against the paper.
+
+    Args:
+        beta: β' = β/λ (SACPO grid: 0.1, 0.05, 0.025, 0.01).
+        desirable_weight: w_D (SACPO: 1).
+        undesirable_weight: w_U (SACPO: n_desirable / n_undesirable of the data; set it from the counts).
+    """
+
+    requires: ClassVar[tuple[Label, ...]] = ("is_safe",)
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
+        self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+
+    def __call__(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """KTO over the 2B responses."""
+        logratios = batch.logratios.reshape(-1)  # (2B,)
+        return kto_loss(
+            logratios,
+            batch.is_safe.reshape(-1),
+            logratios.detach().mean(),
+            self.beta,
+            self.desirable_weight,
+            self.undesirable_weight,
+        )
