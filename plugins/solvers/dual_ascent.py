@@ -6,6 +6,10 @@ import math
 
 from lit_saferlhf.solvers import ConstraintSolver
 
+LOG_MULTIPLIER_BOUND = 700.0
+"""``|ln λ|`` is kept below this, so λ = exp(ln λ) stays a finite, strictly positive float64
+(``exp(709.8)`` is the largest float64; ``exp(-700)`` is about 1e-304)."""
+
 
 class DualAscent(ConstraintSolver):
     """Dual ascent on the Lagrange multiplier, by default in log space as in Safe RLHF.
@@ -15,7 +19,10 @@ class DualAscent(ConstraintSolver):
 
         ``ln λ <- min(ln λ + lr·λ·(J_c - d), ln max_multiplier)``
 
-    λ stays strictly positive and its step is proportional to λ itself. With ``linear=True`` the
+    ``ln λ`` itself is the state (λ is derived from it), so a large violation cannot underflow λ to
+    0.0 (whose logarithm is undefined) and a large λ cannot overflow: ``ln λ`` is clipped to
+    ``±LOG_MULTIPLIER_BOUND`` (700), λ stays finite and strictly positive, and a step that overflows
+    to ``±inf`` lands on the bound. λ's step is proportional to λ itself. With ``linear=True`` the
     textbook projected form is used instead: ``λ <- clamp(λ + lr·(J_c - d), 0, max_multiplier)``.
     The first ``update_delay`` calls are counted but leave λ unchanged (Safe RLHF's
     ``lambda_update_delay_steps``), letting the critics warm up first. Arithmetic is in Python
@@ -48,6 +55,7 @@ class DualAscent(ConstraintSolver):
         self.update_delay = int(update_delay)
         self.linear = bool(linear)
         self.num_updates = 0
+        self.log_multiplier = None if self.linear else math.log(self.multiplier)
 
     def update(self, episode_cost: float) -> dict[str, float]:
         """Take one dual step from the mean episode cost (none during the first ``update_delay`` calls).
@@ -60,6 +68,8 @@ class DualAscent(ConstraintSolver):
             ``solver/episode_cost``.
         """
         episode_cost = float(episode_cost)
+        if not math.isfinite(episode_cost):
+            raise ValueError(f"DualAscent: the episode cost must be a finite number, got {episode_cost}")
         violation = episode_cost - self.cost_limit
         if self.num_updates >= self.update_delay:
             self.multiplier = self._linear_step(violation) if self.linear else self._log_step(violation)
@@ -70,11 +80,20 @@ class DualAscent(ConstraintSolver):
             "solver/episode_cost": episode_cost,
         }
 
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what ``state_dict`` returned (a state saved before ``log_multiplier`` existed keeps λ)."""
+        super().load_state_dict(state)
+        if "log_multiplier" not in state and not self.linear:
+            self.log_multiplier = math.log(self.multiplier)
+
     def _log_step(self, violation: float) -> float:
-        log_multiplier = math.log(self.multiplier) + self.lr * self.multiplier * violation
+        """``ln λ <- clip(ln λ + lr·λ·(J_c - d), -bound, min(bound, ln max))``; returns the new λ."""
+        log_multiplier = self.log_multiplier + self.lr * self.multiplier * violation  # may be ±inf, never NaN
+        upper = LOG_MULTIPLIER_BOUND
         if self.max_multiplier is not None:
-            log_multiplier = min(log_multiplier, math.log(self.max_multiplier))
-        return math.exp(log_multiplier)
+            upper = min(upper, math.log(self.max_multiplier))
+        self.log_multiplier = min(max(log_multiplier, -LOG_MULTIPLIER_BOUND), upper)
+        return math.exp(self.log_multiplier)
 
     def _linear_step(self, violation: float) -> float:
         multiplier = max(0.0, self.multiplier + self.lr * violation)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 from collections.abc import Callable
 
 import pytest
@@ -186,6 +187,44 @@ def test_dual_ascent_validation_names_the_field(kwargs: dict[str, object], field
 
 def test_dual_ascent_linear_accepts_zero_init() -> None:
     assert DualAscent(init_multiplier=0.0, linear=True).multiplier == 0.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dual_ascent_uncapped_log_multiplier_stays_finite_and_positive(seed: int) -> None:
+    # Heavy-tailed random episode costs: with λ (not ln λ) as the state, a large violation underflowed
+    # λ to 0.0 and the next update raised "math domain error", and a large λ raised OverflowError.
+    rng = random.Random(seed)
+    solver = DualAscent(cost_limit=0.0, lr=0.1, init_multiplier=1.0, max_multiplier=None)
+    for _ in range(40):
+        multiplier = solver.update(rng.gauss(0.0, 1.0) * 10 ** rng.uniform(0, 3))["solver/multiplier"]
+        assert math.isfinite(multiplier)
+        assert multiplier > 0.0
+        assert solver.log_multiplier == pytest.approx(math.log(multiplier), abs=1e-9)
+    resumed = DualAscent(cost_limit=0.0, lr=0.1, max_multiplier=None)
+    resumed.load_state_dict(_torch_round_trip(solver.state_dict()))
+    assert resumed.update(5.0) == solver.update(5.0)
+
+
+def test_dual_ascent_extreme_violations_hit_the_log_bounds() -> None:
+    from lit_saferlhf_plugins.solvers.dual_ascent import LOG_MULTIPLIER_BOUND
+
+    solver = DualAscent(lr=1.0, max_multiplier=None)
+    for _ in range(3):
+        solver.update(1e300)  # lr·λ·violation overflows to +inf: ln λ lands on the upper bound
+    assert solver.log_multiplier == LOG_MULTIPLIER_BOUND
+    assert math.isfinite(solver.multiplier)
+    solver.update(-1e300)
+    assert solver.log_multiplier == -LOG_MULTIPLIER_BOUND
+    assert solver.multiplier > 0.0
+    assert solver.update(1.0)["solver/multiplier"] > 0.0  # a λ near 0 still moves, and never raises
+    with pytest.raises(ValueError, match="finite"):
+        solver.update(float("nan"))
+
+
+def test_dual_ascent_loads_a_state_saved_before_log_multiplier_existed() -> None:
+    solver = DualAscent(max_multiplier=None)
+    solver.load_state_dict({"multiplier": 2.0, "num_updates": 3})
+    assert solver.log_multiplier == pytest.approx(math.log(2.0))
 
 
 # ---------------------------------------------------------------- PIDLagrangian
