@@ -1,7 +1,8 @@
 """The run report: training curves, Safe RLHF's reward-vs-cost picture, and ``report.md``.
 
 :func:`write_report` reads the ``metrics.csv`` that Lightning's ``CSVLogger`` writes for each stage
-(``<log dir>/version_N/metrics.csv``; the newest version is used), draws PNG plots into
+(``<log dir>/version_N/metrics.csv``; a resumed run writes a new version, and all versions are joined
+into one history, see :func:`join_versions`), draws PNG plots into
 ``<out_dir>/plots/`` and writes ``<out_dir>/report.md`` with the key numbers and the plots. Plots are
 drawn on ``matplotlib.figure.Figure`` objects (the Agg renderer) without ``pyplot``, so writing a
 report never changes the process's matplotlib backend and needs no display.
@@ -102,15 +103,41 @@ def table_body(rows: Sequence[dict[str, Any]], columns: dict[str, str]) -> tuple
 # ----------------------------------------------------------------------------------------------
 
 
-def find_metrics_file(log_dir: Path) -> Path | None:
-    """The newest ``version_N/metrics.csv`` under ``log_dir`` (or ``log_dir`` itself if it is one)."""
+def metrics_files(log_dir: Path) -> list[Path]:
+    """Every ``version_N/metrics.csv`` under ``log_dir``, oldest first (``log_dir`` itself if it is one file)."""
     log_dir = Path(log_dir)
     if log_dir.is_file():
-        return log_dir
+        return [log_dir]
     if (log_dir / "metrics.csv").is_file():
-        return log_dir / "metrics.csv"
+        return [log_dir / "metrics.csv"]
     versions = [path for path in log_dir.glob("version_*/metrics.csv") if path.parent.name[8:].isdigit()]
-    return max(versions, key=lambda path: int(path.parent.name[8:]), default=None)
+    return sorted(versions, key=lambda path: int(path.parent.name[8:]))
+
+
+def join_versions(versions: Sequence[dict[str, Series]]) -> dict[str, Series]:
+    """One history from the log versions of a run and its resumes (oldest first).
+
+    A resumed run logs from the step of its checkpoint on, so each version replaces what the earlier
+    ones logged from its first step on: the steps a killed run logged after its last checkpoint were
+    trained again, and the values of the run that went on are kept. Each step appears once, and an
+    empty version (killed before it logged) changes nothing.
+    """
+    joined: dict[str, Series] = {}
+    for metrics in versions:
+        steps = [step for points in metrics.values() for step, _ in points]
+        if not steps:
+            continue
+        start = min(steps)
+        joined = {name: [point for point in points if point[0] < start] for name, points in joined.items()}
+        for name, points in metrics.items():
+            joined.setdefault(name, []).extend(points)
+    return {name: points for name, points in joined.items() if points}
+
+
+def read_stage_metrics(log_dir: Path) -> tuple[dict[str, Series], list[Path]]:
+    """A stage's metrics joined over all its log versions (:func:`join_versions`), and the files read."""
+    files = metrics_files(log_dir)
+    return join_versions([read_metrics(path) for path in files]), files
 
 
 def read_metrics(path: Path) -> dict[str, Series]:
@@ -272,7 +299,7 @@ class StageResult:
 
     name: str
     log_dir: Path
-    metrics_file: Path | None
+    metrics_files: list[Path]
     plot: str | None = None
     finals: tuple[tuple[str, float, float], ...] = ()
     """``(metric, last value, its step)`` of each plotted metric."""
@@ -302,16 +329,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def stage_result(name: str, log_dir: Path, plots: Path, cost_limit: float | None, smoothing: float) -> StageResult:
-    """Read one stage's newest ``metrics.csv`` and plot it into ``plots/<name>.png``."""
-    metrics_file = find_metrics_file(log_dir)
-    metrics = read_metrics(metrics_file) if metrics_file is not None else {}
+    """Read one stage's ``metrics.csv`` versions, joined, and plot them into ``plots/<name>.png``."""
+    metrics, files = read_stage_metrics(log_dir)
     kind = stage_kind(name, metrics)
     if kind is None:
-        return StageResult(name, log_dir, metrics_file)
+        return StageResult(name, log_dir, files)
     file_name = re.sub(r"[^\w.-]", "_", name) + ".png"
     drawn = plot_stage(name, kind, metrics, plots / file_name, cost_limit, smoothing)
     finals = tuple((metric, metrics[metric][-1][1], whole(metrics[metric][-1][0])) for metric in drawn)
-    return StageResult(name, log_dir, metrics_file, f"plots/{file_name}" if drawn else None, finals)
+    return StageResult(name, log_dir, files, f"plots/{file_name}" if drawn else None, finals)
 
 
 def evaluation_plots(rows: Sequence[dict[str, Any]], plots: Path) -> dict[str, str]:
@@ -335,11 +361,11 @@ def training_section(stages: Sequence[StageResult]) -> list[str]:
     lines = ["## Training", "", markdown_table(("stage", "metric", "final value", "at step"), finals), ""]
     for stage in stages:
         lines.append(f"### {stage.name}")
+        logged = ", ".join(f"`{path}`" for path in stage.metrics_files)
         if stage.plot is None:
-            where = stage.metrics_file or f"no metrics.csv under {stage.log_dir}"
-            lines.append(f"No known metrics were logged ({where}).")
+            lines.append(f"No known metrics were logged ({logged or f'no metrics.csv under {stage.log_dir}'}).")
         else:
-            lines += [f"![{stage.name} training curves]({stage.plot})", "", f"Logged in `{stage.metrics_file}`."]
+            lines += [f"![{stage.name} training curves]({stage.plot})", "", f"Logged in {logged}."]
         lines.append("")
     return lines
 

@@ -1,4 +1,4 @@
-"""Report: reading CSVLogger files (newest version, NaN cells), the plots, report.md and the printed summary."""
+"""Report: reading CSVLogger files (versions of resumed runs joined, NaN cells), the plots, report.md, the summary."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from lit_saferlhf.report import ema, find_metrics_file, print_summary, read_metrics, stage_kind, write_report
+from lit_saferlhf.report import (
+    ema,
+    join_versions,
+    metrics_files,
+    print_summary,
+    read_metrics,
+    read_stage_metrics,
+    stage_kind,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAN = float("nan")
@@ -71,16 +80,47 @@ def evaluation() -> dict:
     return {"rows": rows, "arena": {**arena, "table": table}, "out_dir": "outputs/eval"}
 
 
-def test_newest_version_and_nan_cells_are_handled(stage_logs: dict[str, Path]) -> None:
-    path = find_metrics_file(stage_logs["sft"])
-    assert path is not None
-    assert path.parent.name == "version_10"
-    metrics = read_metrics(path)
+def test_versions_in_numeric_order_and_nan_cells_are_handled(stage_logs: dict[str, Path]) -> None:
+    files = metrics_files(stage_logs["sft"])
+    assert [path.parent.name for path in files] == ["version_2", "version_10"]  # 10 > 2 numerically
+    metrics = read_metrics(files[-1])
     assert len(metrics["train/loss"]) == 59  # 60 rows, one NaN
     assert all(math.isfinite(value) for _, value in metrics["train/loss"])
     assert metrics["val/token_accuracy"] == [(59.0, 0.625)]
     assert "epoch" not in metrics
-    assert find_metrics_file(stage_logs["empty"]) is None
+    assert metrics_files(stage_logs["empty"]) == []
+    joined, _ = read_stage_metrics(stage_logs["sft"])
+    assert joined == metrics  # version_10 starts at step 0 again: a new run, it replaces version_2 entirely
+
+
+def test_the_versions_of_a_killed_and_resumed_run_join_into_one_history(tmp_path: Path) -> None:
+    # version_0: killed after logging steps 0-6; its last checkpoint was at step 5, so steps 5 and 6 were trained again.
+    # version_1: resumed at step 5, killed after logging 5-8 (checkpoint at 8). version_2: killed before logging.
+    # version_3: resumed at step 8 and ran to the end (step 11).
+    runs = {0: (0, 7, 1.0), 1: (5, 9, 2.0), 2: (0, 0, 0.0), 3: (8, 12, 3.0)}
+    for version, (first, end, run) in runs.items():
+        rows = [{"step": step, "train/loss": run * 100 + step} for step in range(first, end)]
+        if version == 1:
+            rows.append({"step": 6, "val/loss": 26.0})
+        path = tmp_path / "logs" / f"version_{version}" / "metrics.csv"
+        write_metrics(path, rows) if rows else path.parent.mkdir(parents=True)
+    (tmp_path / "logs" / "version_2" / "metrics.csv").write_text("step,train/loss\n")  # header only
+
+    metrics, files = read_stage_metrics(tmp_path / "logs")
+    assert [path.parent.name for path in files] == ["version_0", "version_1", "version_2", "version_3"]
+    expected = (
+        [(s, 100 + s) for s in range(5)] + [(s, 200 + s) for s in range(5, 8)] + [(s, 300 + s) for s in range(8, 12)]
+    )
+    assert metrics["train/loss"] == [(float(s), float(v)) for s, v in expected]  # every step once, no gap
+    assert metrics["val/loss"] == [(6.0, 26.0)]
+
+
+def test_join_versions_keeps_metrics_logged_only_before_a_resume() -> None:
+    first = {"a": [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)], "b": [(2.0, 5.0)]}
+    second = {"a": [(2.0, 30.0), (3.0, 40.0)]}
+    assert join_versions([first, second]) == {"a": [(0.0, 1.0), (1.0, 2.0), (2.0, 30.0), (3.0, 40.0)]}
+    assert join_versions([first, {}]) == first
+    assert join_versions([]) == {}
 
 
 def test_stage_kind_from_name_then_metrics() -> None:
