@@ -32,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from torch import Tensor
 
+from lit_saferlhf.models.lora import restore_frozen
 from lit_saferlhf.parsing import configure_parsing  # (importing it imports the stages and datamodules)
 
 CheckpointKind = Literal["file", "distributed", "deepspeed"]
@@ -200,6 +201,7 @@ def export_checkpoint(fit_args: Sequence[str], ckpt_path: str | Path, out: str |
         module = build_stage(fit_args)
     with console.status(f"Loading the {kind} checkpoint {path}"):
         checkpoint = load_checkpoint(path)
+        restore_frozen(checkpoint, module)  # LoRA checkpoints hold no frozen base: the built one is kept
         check_stage(module, checkpoint, path)
         weights: dict[str, Tensor] = checkpoint["state_dict"]
         module.load_state_dict(weights)

@@ -11,12 +11,15 @@ Shapes: ``N`` sequences in the rollout (prompt batch x samples per prompt), ``P`
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lit_saferlhf.errors import require
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,13 @@ class GenerationArgs:
     """Sample among the k most likely tokens (0 disables it)."""
     num_return_sequences: int = 1
     """Responses sampled per prompt."""
+
+    def __post_init__(self) -> None:
+        require(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        require(self.temperature >= 0, "temperature", "a number >= 0", self.temperature)
+        require(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        require(self.top_k >= 0, "top_k", "an integer >= 0", self.top_k)
+        require(self.num_return_sequences >= 1, "num_return_sequences", "an integer >= 1", self.num_return_sequences)
 
 
 class Generator(ABC):
@@ -79,6 +89,305 @@ class HFGenerate(Generator):
             pad_token_id=pad_id,
             synced_gpus=synced,
         )
+
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
+"""Model types whose forward this backend drives with a static cache and ``position_ids`` (tested on CPU)."""
+
+GENERATION_CONFIG_NO_OPS = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "top_h": None,
+    "sequence_bias": None,
+}
+"""``generation_config`` settings that ``generate`` would apply and this backend does not (their no-op values)."""
+
+
+class StaticCacheGenerate(Generator):
+    """Decode into a preallocated (static) KV cache, one optionally compiled step per token, sampling on the device.
+
+    The left-padded prompts are prefilled once; each new token is then decoded into transformers'
+    ``StaticCache`` of ``P + max_new_tokens`` columns with fixed shapes, so ``torch.compile`` compiles the
+    step once per run (on CUDA as a CUDA graph, mode ``reduce-overhead``). Sampling follows Hugging Face's
+    ``generate`` (float32 scores; temperature, then top-k, then top-p; greedy when the temperature is 0), but
+    draws among the top-k candidates instead of over the whole vocabulary. Rows are padded with ``pad_id``
+    after their EOS and the output is cut where ``generate`` would stop, so the result has the same contract
+    and, greedy, the same tokens. Under FSDP2 or ZeRO-3 the actor's full weights are gathered once per rollout
+    into a local copy that decodes with no collective per token (``gather``).
+
+    For Llama, Mistral, Qwen2/3, Gemma and GPT-2 model types; any other is refused (use ``HFGenerate``).
+
+    Args:
+        compile: Compile the decode step with ``torch.compile``. None: on CUDA only (on CPU the step is
+            dominated by the output layer and compiling does not pay; see ``benchmarks/rollout.py``).
+        check_every: Look whether every row has finished once every this many tokens (each look is one
+            host-device synchronisation); 1 stops as early as ``generate``, the output is the same either way.
+        prompt_bucket: Left-pad the prompts to a multiple of this many columns, so the cache and the compiled
+            step keep their shapes from one rollout to the next (extra columns are masked and cut off again).
+        gather: Under FSDP2 or DeepSpeed ZeRO-3, copy the actor's full weights once per rollout into a local
+            unsharded copy and decode that. None: when the full actor fits in a third of the free device
+            memory (always on CPU). False: decode the sharded actor, every rank running all ``max_new_tokens``
+            steps in lock step (the ``synced_gpus`` way, one gather per layer and token).
+    """
+
+    def __init__(
+        self, compile: bool | None = None, check_every: int = 8, prompt_bucket: int = 16, gather: bool | None = None
+    ) -> None:
+        if check_every < 1 or prompt_bucket < 1:
+            raise ValueError(f"StaticCacheGenerate: check_every and prompt_bucket must be >= 1, got {check_every}, "
+                             f"{prompt_bucket}")  # fmt: skip
+        self.compile, self.check_every, self.prompt_bucket, self.gather = compile, check_every, prompt_bucket, gather
+        self._cache: Any = None
+        self._step: Any = None
+        self._local: LocalCopy | None = None
+
+    @torch.no_grad()
+    def generate(
+        self, model: Any, input_ids: Tensor, attention_mask: Tensor, args: GenerationArgs, eos_id: int, pad_id: int
+    ) -> Tensor:
+        """Sample with a static cache; ``(B * n, P + A)`` like ``HFGenerate``."""
+        check_supported(model)
+        network, lock_step = self.decoding_network(model)
+        n, prompt_columns = args.num_return_sequences, input_ids.shape[1]
+        input_ids = left_pad(input_ids.repeat_interleave(n, dim=0), self.prompt_bucket, pad_id)
+        attention_mask = left_pad(attention_mask.repeat_interleave(n, dim=0), self.prompt_bucket, 0)
+        try:
+            tokens = self.decode(network, input_ids, attention_mask, args, eos_id, pad_id, lock_step)  # (N, T)
+        finally:
+            if self._local is not None and not self.compiles(network):
+                self._local = None  # free the gathered copy; a compiled step keeps it (stable addresses)
+        sequences = torch.cat([input_ids[:, input_ids.shape[1] - prompt_columns :], tokens], dim=1)
+        return sequences[:, : prompt_columns + stop_length(tokens, eos_id)]
+
+    def decode(
+        self,
+        model: Any,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        args: GenerationArgs,
+        eos_id: int,
+        pad_id: int,
+        lock_step: bool,
+    ) -> Tensor:
+        """Prefill, then one token per step until ``max_new_tokens`` or every row has finished, ``(N, T)``."""
+        rows, columns, steps = *input_ids.shape, args.max_new_tokens
+        cache = self.static_cache(model, rows, columns + steps)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(rows, steps)], dim=1)  # (N, P + T), fixed shape
+        positions = position_ids(attention_mask)  # (N, P)
+        logits = forward(model, cache, input_ids, mask, positions, logits_to_keep=1)[:, -1].float()  # (N, V)
+        position = positions[:, -1:]  # (N, 1)
+        tokens = input_ids.new_full((rows, steps), pad_id)
+        finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        step = self.decode_step(model)
+        for t in range(steps):
+            token = torch.where(finished, pad_id, sample_next_token(logits, args.temperature, args.top_k, args.top_p))
+            tokens[:, t] = token
+            finished |= token == eos_id
+            last = t == steps - 1
+            if last or (not lock_step and (t + 1) % self.check_every == 0 and bool(finished.all())):
+                break
+            position = position + 1
+            logits = step(model, cache, token[:, None], mask, position)
+        return tokens
+
+    def static_cache(self, model: Any, rows: int, length: int) -> Any:
+        """The run's static cache, reset; a new one when the shape or the network changes."""
+        from transformers import StaticCache
+
+        key = (id(model), rows, length)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, StaticCache(config=model.config, max_cache_len=length))
+        cache = self._cache[1]
+        cache.reset()
+        return cache
+
+    def compiles(self, model: Any) -> bool:
+        """Whether the decode step is compiled for ``model``'s device."""
+        return self.compile if self.compile is not None else next(model.parameters()).device.type == "cuda"
+
+    def decode_step(self, model: Any) -> Any:
+        """The function that decodes one token: ``decode_step``, compiled once per run if ``compiles``."""
+        if not self.compiles(model):
+            return decode_step
+        if self._step is None:
+            cuda = next(model.parameters()).device.type == "cuda"
+            compiled = torch.compile(decode_step, mode="reduce-overhead" if cuda else None, fullgraph=False)
+            self._step = compiled if not cuda else cudagraph_steps(compiled)
+        return self._step
+
+    def decoding_network(self, model: Any) -> tuple[Any, bool]:
+        """The network to decode with, and whether ranks must step together (a sharded actor, not gathered)."""
+        from lit_saferlhf.models.sharding import is_sharded, is_zero3_partitioned
+
+        if not (is_sharded(model) or is_zero3_partitioned(model)):
+            return model, False
+        if not (self.gather if self.gather is not None else fits_locally(model)):
+            return model, True
+        if self._local is None:
+            self._local = LocalCopy(model)
+        return self._local.refresh(model), False
+
+
+def check_supported(model: Any) -> None:
+    """Refuse a model this backend cannot drive exactly: its type, or ``generation_config`` settings it ignores."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"StaticCacheGenerate: model type {model_type!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}); use model.generator: "
+            "{class_path: lit_saferlhf.rollout.HFGenerate} for this model"
+        )
+    config = getattr(model, "generation_config", None)
+    active = {
+        name: getattr(config, name)
+        for name, no_op in GENERATION_CONFIG_NO_OPS.items()
+        if getattr(config, name, no_op) not in (None, no_op)
+    }
+    if active:
+        raise ValueError(
+            f"StaticCacheGenerate: the model's generation_config sets {active}, which Hugging Face generate "
+            "applies and this backend does not; reset them in generation_config.json or use "
+            "lit_saferlhf.rollout.HFGenerate"
+        )
+
+
+def sample_next_token(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Draw the next token as Hugging Face's sampling does, among the top-k candidates only.
+
+    Warpers in ``generate``'s order on float32 scores: divide by the temperature, keep the ``top_k``
+    highest scores, keep the smallest set of the highest whose probability reaches ``top_p`` (the
+    most likely token always stays), then draw from the softmax of what is left. With ``top_k`` set
+    the draw is over those k candidates, not the whole vocabulary (ties with the k-th score beyond
+    the k candidates, which ``generate`` keeps, are dropped). Temperature 0 is greedy (argmax).
+
+    Args:
+        logits: Next-token scores, ``(N, V)``.
+        temperature: Softmax temperature; 0 for greedy decoding.
+        top_k: Candidates kept (0: all).
+        top_p: Nucleus mass (1.0: no nucleus filter).
+
+    Returns:
+        The drawn token ids, ``(N,)``, int64.
+    """
+    scores = logits.float()
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    if temperature != 1.0:
+        scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        scores, candidates = scores.topk(top_k, dim=-1)  # (N, k), descending
+    else:
+        candidates = None
+    if top_p < 1.0:
+        scores = nucleus(scores, top_p)
+    choice = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)  # (N, 1)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+
+
+def nucleus(scores: Tensor, top_p: float) -> Tensor:
+    """Hugging Face's ``TopPLogitsWarper`` on ``(N, C)`` scores: the tail whose mass is <= ``1 - top_p`` gets -inf."""
+    ascending, order = torch.sort(scores, descending=False)
+    remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False  # keep at least the most likely token
+    return scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def stop_length(tokens: Tensor, eos_id: int) -> int:
+    """Columns ``generate`` keeps: up to the step at which the last row emitted its first EOS (or all)."""
+    has_eos = (tokens == eos_id).any(dim=-1)  # (N,)
+    first_eos = (tokens == eos_id).long().argmax(dim=-1)  # (N,)
+    return int(torch.where(has_eos, first_eos + 1, tokens.shape[1]).max())
+
+
+def left_pad(tensor: Tensor, multiple: int, value: int) -> Tensor:
+    """Left-pad ``(N, P)`` with ``value`` to the next multiple of ``multiple`` columns."""
+    extra = -tensor.shape[1] % multiple
+    return torch.nn.functional.pad(tensor, (extra, 0), value=value) if extra else tensor
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as ``generate`` counts them, ``(N, P)``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def forward(model: Any, cache: Any, input_ids: Tensor, mask: Tensor, positions: Tensor, **kwargs: Any) -> Tensor:
+    """The model's logits for ``input_ids`` written into the static ``cache``, ``(N, L, V)``."""
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache}, **kwargs
+    ).logits
+
+
+def decode_step(model: Any, cache: Any, token: Tensor, mask: Tensor, position: Tensor) -> Tensor:
+    """One decoded token: float32 next-token scores ``(N, V)`` after ``token`` ``(N, 1)`` at ``position`` ``(N, 1)``."""
+    return forward(model, cache, token, mask, position)[:, -1].float()
+
+
+def cudagraph_steps(compiled: Any) -> Any:
+    """A CUDA-graph step that marks each call as a new step (its outputs are read before the next replay)."""
+
+    def step(*args: Any) -> Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args).clone()
+
+    return step
+
+
+def fits_locally(model: Any) -> bool:
+    """Whether a full copy of ``model`` takes at most a third of the free memory of its device (CPU: yes)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return True
+    full_bytes = sum(param.numel() * param.element_size() for param in model.parameters())  # numel is the full size
+    free, _ = torch.cuda.mem_get_info(device)
+    return 3 * full_bytes <= free
+
+
+class LocalCopy:
+    """An unsharded copy of a sharded actor (FSDP2 DTensors or ZeRO-3 partitions), refreshed once per rollout.
+
+    Built once from the actor's config (plain transformers class, same dtype and device); ``refresh``
+    gathers the actor's parameters one at a time (every rank takes part, in the same order) and copies
+    them in place, so the copy keeps its addresses between rollouts (a compiled step stays valid).
+    """
+
+    def __init__(self, model: Any) -> None:
+        from transformers import AutoModelForCausalLM
+
+        first = next(model.parameters())
+        device = first.device if not hasattr(first, "ds_id") else torch.device("cuda", torch.cuda.current_device())
+        self.network = AutoModelForCausalLM.from_config(model.config, dtype=first.dtype).to(device)
+        self.network.requires_grad_(False)
+
+    def refresh(self, model: Any) -> Any:
+        """Copy ``model``'s full weights into the local network; returns it, in ``model``'s train/eval mode."""
+        from torch.distributed.tensor import DTensor
+
+        local = dict(self.network.named_parameters())
+        for name, param in model.named_parameters():
+            if isinstance(param, DTensor):
+                local[name].copy_(param.full_tensor())
+            elif hasattr(param, "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    local[name].copy_(param.data)
+            else:
+                local[name].copy_(param)
+        self.network.train(model.training)
+        return self.network
 
 
 def response_mask(responses: Tensor, eos_id: int) -> Tensor:

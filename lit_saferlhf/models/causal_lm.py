@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_saferlhf.models.lora import LoraArgs, apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, partitioning
 
 SAFETY_WORLD_TOKENIZER = "safety-world"
@@ -47,6 +48,8 @@ class ModelSource:
     """Allow custom modelling code shipped with a hub model. Off unless you trust the source."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    lora: LoraArgs | None = None
+    """Train low-rank adapters on the frozen weights (``peft``; see ``models/lora.py``); None: full fine-tuning."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.config is None):
@@ -55,6 +58,8 @@ class ModelSource:
             raise ValueError("model.config: needs a `model_type` key, e.g. {model_type: llama, hidden_size: 64, ...}")
         if self.path is None and self.tokenizer is None:
             raise ValueError("model.tokenizer: a model built from `config` needs a tokenizer name or dir")
+        if self.lora is not None and self.lora.quantize is not None and self.path is None:
+            raise ValueError("model.lora.quantize: QLoRA quantizes pretrained weights; set `path`, not `config`")
 
 
 # Stages built in Python (not by the CLI) keep these in their checkpoints' hyper-parameters.
@@ -101,14 +106,18 @@ def build_causal_lm(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> 
         model = build_partitioned(AutoModelForCausalLM, config, source.path, source.trust_remote_code)
     elif source.path is not None:
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, config=config, dtype=torch_dtype(source.dtype), trust_remote_code=source.trust_remote_code
+            source.path,
+            config=config,
+            dtype=torch_dtype(source.dtype),
+            trust_remote_code=source.trust_remote_code,
+            **quantization_kwargs(source.lora),
         )
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=source.trust_remote_code)
     fit_embeddings(model, tokenizer)
     if source.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model
+    return model if source.lora is None else apply_lora(model, source.lora, "CAUSAL_LM", source.gradient_checkpointing)
 
 
 def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -144,12 +153,14 @@ def export(
 
     The dir is written beside its destination and renamed into place, so an interrupted export
     never leaves a half-written dir that looks valid. ``state_dict`` replaces the model's own
-    tensors (the gathered full state of a sharded model).
+    tensors (the gathered full state of a sharded model). A LoRA model is written with its adapters
+    merged, or as its adapter alone (``LoraArgs.export``).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+    network, state_dict = export_view(model, state_dict)
+    network.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     replace_dir(staging, out_dir)
     return out_dir

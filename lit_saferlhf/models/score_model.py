@@ -23,6 +23,7 @@ from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_saferlhf.losses import end_scores
 from lit_saferlhf.models.causal_lm import ModelSource, fit_embeddings, load_config, replace_dir, torch_dtype
+from lit_saferlhf.models.lora import apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, load_partitioned, partitioning
 
 HEAD_FILE = "score_head.safetensors"
@@ -125,10 +126,13 @@ class ScoreModel(nn.Module):
         elif source.path is None:
             backbone = AutoModel.from_config(**kwargs)
         else:
-            backbone = AutoModel.from_pretrained(source.path, dtype=torch_dtype(source.dtype), **kwargs)
+            quantization = quantization_kwargs(source.lora)
+            backbone = AutoModel.from_pretrained(source.path, dtype=torch_dtype(source.dtype), **kwargs, **quantization)
         fit_embeddings(backbone, tokenizer)
         if source.gradient_checkpointing:
             backbone.gradient_checkpointing_enable()
+        if source.lora is not None:  # adapters on the backbone only: the head always trains
+            backbone = apply_lora(backbone, source.lora, None, source.gradient_checkpointing)
         model = cls(backbone)
         if source.path is not None and (Path(source.path) / HEAD_FILE).is_file():
             model.load_head(Path(source.path))
@@ -160,7 +164,8 @@ class ScoreModel(nn.Module):
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         state = state_dict or {name: tensor.detach() for name, tensor in self.state_dict().items()}
         backbone = {name.removeprefix("backbone."): t for name, t in state.items() if name.startswith("backbone.")}
-        self.backbone.save_pretrained(staging, safe_serialization=True, state_dict=backbone)
+        network, backbone = export_view(self.backbone, backbone)  # LoRA: merged, or the adapter alone
+        network.save_pretrained(staging, safe_serialization=True, state_dict=backbone)
         tokenizer.save_pretrained(staging)
         head = {name: state[f"score_head.{name}"].cpu().contiguous() for name in ("weight", "bias")}
         stats = {f"normalizer.{name}": state[f"normalizer.{name}"].cpu() for name in ("mean", "var", "count")}

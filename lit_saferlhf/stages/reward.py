@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 
 from lit_saferlhf.losses import reward_loss, tokenwise_reward_loss
 from lit_saferlhf.models.causal_lm import ModelSource, load_tokenizer
+from lit_saferlhf.models.lora import drop_frozen, restore_frozen
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.utils import OptimizerArgs, build_optimizer
@@ -134,6 +135,14 @@ class ScoreModelStage(L.LightningModule, ABC):
     def on_test_epoch_end(self) -> None:
         """Log test accuracies and score statistics."""
         self.log_dict(self.val_metrics.compute_and_reset("test"))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With LoRA, only the trainable tensors: the frozen base is rebuilt from its dir."""
+        drop_frozen(checkpoint, self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With LoRA, the frozen base comes from its dir, not the checkpoint."""
+        restore_frozen(checkpoint, self)
 
     def on_train_end(self) -> None:
         """Export the score model (backbone, head, normaliser, tokenizer)."""

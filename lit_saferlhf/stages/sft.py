@@ -8,6 +8,7 @@ and PPO stages start from.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,6 +18,7 @@ from transformers import PreTrainedModel
 
 from lit_saferlhf.losses import lm_loss
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.models.lora import drop_frozen, restore_frozen
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.utils import OptimizerArgs, build_optimizer
 
@@ -93,6 +95,14 @@ class SFTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Log validation loss, token accuracy and perplexity."""
         self.log_dict(self.val_metrics.compute_and_reset("val"), prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With LoRA, only the trainable tensors: the frozen base is rebuilt from its dir."""
+        drop_frozen(checkpoint, self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With LoRA, the frozen base comes from its dir, not the checkpoint."""
+        restore_frozen(checkpoint, self)
 
     def on_train_end(self) -> None:
         """Export the fine-tuned policy as a Hugging Face dir."""

@@ -1,0 +1,339 @@
+"""LoRA and QLoRA adapters (``peft``) for every stage, and the shared bases of PPO-Lagrangian.
+
+A network built from a ``ModelSource`` with ``lora`` set is wrapped by ``peft``: its base weights are
+frozen and low-rank adapters ``W + (α/r)·B·A`` (Hu et al., 2021, Eq. 3) are trained on the
+``target_modules``. A score model wraps only its backbone, so its head always trains.
+
+With LoRA, PPO-Lagrangian keeps one copy of each base network: the reference policy is the actor
+with its adapters switched off (``ReferencePolicy``), and the frozen reward (cost) model is its
+critic's backbone with the adapter switched off plus the reward (cost) model's own head
+(``FrozenScoreTwin``). Six networks then need three bases (policy, reward, cost) instead of six.
+
+Exports fold the adapters into the weights (a plain Hugging Face dir) or, with
+``export: adapter``, write the adapter alone in ``peft``'s format. Checkpoints keep only the
+trainable tensors (``drop_frozen``); the frozen ones are rebuilt from their dirs on resume
+(``restore_frozen``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+EXPORT_MODE = "lit_saferlhf_export"
+"""Attribute of a ``peft`` model that records its ``LoraArgs.export``."""
+
+
+@dataclass(frozen=True)
+class LoraArgs:
+    """Low-rank adapters on a frozen base (``peft``'s ``LoraConfig``)."""
+
+    r: int = 16
+    """Rank of each adapter ``B·A``."""
+    alpha: float = 32.0
+    """Scale: the update is ``(alpha / r)·B·A``."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only)."""
+    target_modules: str | tuple[str, ...] = "all-linear"
+    """Module names (suffixes) that get adapters, e.g. ``[q_proj, v_proj]``; ``all-linear``: every linear
+    layer but the output one."""
+    modules_to_save: tuple[str, ...] | None = None
+    """Modules trained in full beside the adapters, e.g. ``[lm_head]`` (a score model's head always is)."""
+    quantize: Literal["nf4", "fp4"] | None = None
+    """QLoRA: load the frozen base in 4 bits (``bitsandbytes``; CUDA only)."""
+    export: Literal["merged", "adapter"] = "merged"
+    """``merged``: adapters folded into the weights (a plain Hugging Face dir); ``adapter``: the adapter alone,
+    in ``peft``'s format (``PeftModel.from_pretrained(base, dir)``)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r: expected a rank >= 1, found {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout: expected a probability in [0, 1), found {self.dropout}")
+
+
+# Stages built in Python keep these in their checkpoints' hyper-parameters (inside ModelSource).
+torch.serialization.add_safe_globals([LoraArgs])
+
+
+def quantization_kwargs(args: LoraArgs | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base in 4 bits for QLoRA; empty otherwise.
+
+    Raises:
+        RuntimeError: QLoRA was asked for on a machine without CUDA.
+    """
+    if args is None or args.quantize is None:
+        return {}
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"lora.quantize: {args.quantize!r} (QLoRA) loads the base in 4 bits with bitsandbytes, which needs a "
+            "CUDA GPU, and none is available here. Set lora.quantize: null to train LoRA on a full-precision base."
+        )
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=args.quantize,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    return {"quantization_config": config}
+
+
+def apply_lora(
+    model: nn.Module, args: LoraArgs, task_type: str | None, gradient_checkpointing: bool = False
+) -> nn.Module:
+    """Freeze ``model`` and add adapters: a ``peft`` model whose trainable parameters are the adapters.
+
+    Args:
+        model: A Hugging Face model (a causal LM, or a score model's backbone).
+        args: The adapters' settings.
+        task_type: ``CAUSAL_LM`` for a policy (``generate`` works); None for a backbone.
+        gradient_checkpointing: Whether ``model`` recomputes activations in backward.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if args.quantize is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input that needs grad
+    config = LoraConfig(
+        task_type=task_type,
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=list(args.target_modules) if isinstance(args.target_modules, tuple) else args.target_modules,
+        modules_to_save=list(args.modules_to_save) if args.modules_to_save else None,
+    )
+    peft_model = get_peft_model(model, config)
+    unsupported = {type(layer).__name__ for layer in lora_layers(peft_model).values()} - {"Linear", "Linear4bit"}
+    if unsupported:
+        raise ValueError(
+            f"lora.target_modules: adapters on {sorted(unsupported)} layers cannot be merged for export; "
+            "target linear layers only (e.g. [q_proj, k_proj, v_proj, o_proj])"
+        )
+    setattr(peft_model, EXPORT_MODE, args.export)
+    return peft_model
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of ``model`` that carry LoRA adapters, by name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def is_peft(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``peft`` wrapper."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def has_adapters(module: nn.Module) -> bool:
+    """Whether any ``peft`` adapter layer sits anywhere inside ``module``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(submodule, BaseTunerLayer) for submodule in module.modules())
+
+
+def export_view(model: nn.Module, state_dict: dict[str, Tensor] | None) -> tuple[nn.Module, dict[str, Tensor] | None]:
+    """What to ``save_pretrained`` for ``model``: itself, its base with merged weights, or its adapter.
+
+    A plain model comes back unchanged. A ``peft`` model comes back as its base model with the adapters
+    folded into a new state dict (``export: merged``, the live weights untouched), or as itself, whose
+    ``save_pretrained`` writes the adapter alone (``export: adapter``).
+
+    Args:
+        model: The network to export.
+        state_dict: Its gathered full state when it is sharded; None reads the live weights.
+    """
+    if not is_peft(model):
+        return model, state_dict
+    if getattr(model, EXPORT_MODE, "merged") == "adapter":
+        return model, state_dict
+    return model.get_base_model(), merged_state_dict(model, state_dict)
+
+
+def merged_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The state of the ``peft`` model ``model`` with ``W + (α/r)·B·A`` folded in, under the base model's names.
+
+    Adapter tensors and the original copies of ``modules_to_save`` are dropped; 4-bit bases are dequantized.
+
+    Args:
+        model: A ``peft`` model (``get_peft_model`` output).
+        state_dict: Its full state (its own names); None reads the live weights.
+    """
+    state = dict(state_dict) if state_dict is not None else {k: v.detach() for k, v in model.state_dict().items()}
+    for name, layer in lora_layers(model).items():
+        base = state[f"{name}.base_layer.weight"]
+        if base.dtype == torch.uint8:  # QLoRA: 4-bit packed
+            from peft.utils.integrations import dequantize_module_weight
+
+            base = dequantize_module_weight(layer.get_base_layer()).to(torch.bfloat16)
+        merged = base.float()
+        for adapter in layer.active_adapters:
+            down, up = state[f"{name}.lora_A.{adapter}.weight"], state[f"{name}.lora_B.{adapter}.weight"]
+            delta = (up.float() @ down.float()) * layer.scaling[adapter]  # (out, in)
+            merged = merged + (delta.T if layer.fan_in_fan_out else delta)
+        for key in [key for key in state if key.startswith(f"{name}.base_layer.")]:  # the bias, if any
+            state[key.replace(".base_layer.", ".", 1)] = state.pop(key)
+        state[f"{name}.weight"] = merged.to(base.dtype)
+    return {renamed: tensor for key, tensor in state.items() if (renamed := base_name(key)) is not None}
+
+
+def base_name(key: str) -> str | None:
+    """A ``peft`` model's state key under its base model's name; None for adapter tensors."""
+    if ".lora_" in key or ".original_module." in key or ".weight." in key:  # adapters, copies, 4-bit quant state
+        return None
+    return key.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+
+
+class ReferencePolicy:
+    """The frozen reference policy as the actor with its adapters off: no second copy of the weights.
+
+    A plain object, not a module: the actor's weights stay registered once, under the actor. The
+    actor runs in eval mode for the call (no dropout), as a separate frozen reference would.
+    """
+
+    def __init__(self, actor: nn.Module) -> None:
+        self.actor = actor
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The actor's forward with every adapter off, in eval mode."""
+        with adapters_off(self.actor), eval_mode(self.actor):
+            return self.actor(*args, **kwargs)
+
+    def eval(self) -> ReferencePolicy:
+        """Always evaluated in eval mode (see ``__call__``)."""
+        return self
+
+
+class FrozenScoreTwin(nn.Module):
+    """The frozen reward (cost) model as its critic's backbone with the adapter off, plus its own head.
+
+    Only the head and the normaliser (the reward model's, copied at start-up, frozen) are this module's;
+    the backbone is the critic's and is not registered here, so its weights are held and saved once.
+    The critic's whole forward runs (so sharded strategies gather its weights as usual) and the
+    backbone's output is taken from a hook.
+
+    Args:
+        critic: A score model whose backbone is a ``peft`` model, its head still the reward model's.
+    """
+
+    def __init__(self, critic: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["critic"] = critic  # not a submodule: held and saved under the critic only
+        head = {name: full_tensor(param) for name, param in critic.score_head.named_parameters()}
+        self.score_head = type(critic.score_head)(head["weight"].shape[1], 1, dtype=head["weight"].dtype)
+        load_head(self.score_head, head)
+        self.score_head.requires_grad_(False)
+        self.normalizer = copy.deepcopy(critic.normalizer)
+        self.eval()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Any:
+        """The reward model's ``ScoreOutput`` for ``input_ids`` ``(B, L)``."""
+        from lit_saferlhf.losses import end_scores
+        from lit_saferlhf.models.score_model import ScoreOutput
+
+        captured: list[Tensor] = []
+        hook = self.critic.backbone.register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+        try:
+            with adapters_off(self.critic.backbone), eval_mode(self.critic):
+                self.critic(input_ids, attention_mask)
+        finally:
+            hook.remove()
+        scores = self.score_head(captured[0]).squeeze(-1).float()  # (B, L)
+        return ScoreOutput(scores=scores, end_scores=self.normalizer(end_scores(scores, attention_mask)))
+
+
+def full_tensor(param: Tensor) -> Tensor:
+    """A detached whole copy of ``param``, gathered when FSDP2 or ZeRO-3 shards it (a collective then)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        return param.full_tensor().detach().clone()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
+    return param.detach().clone()
+
+
+def load_head(head: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Copy ``tensors`` into a new head, which DeepSpeed ZeRO-3 may have partitioned as it was built."""
+    from lit_saferlhf.models.zero3 import load_partitioned, partitioning
+
+    if partitioning():
+        load_partitioned(head, tensors)
+    else:
+        head.load_state_dict(tensors)
+
+
+def shared_frozen(trained: nn.Module) -> ReferencePolicy | FrozenScoreTwin:
+    """The frozen network that shares ``trained``'s base: the reference of an actor, the reward model of a critic."""
+    if hasattr(trained, "score_head"):
+        return FrozenScoreTwin(trained)
+    return ReferencePolicy(trained)
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Switch off every adapter of the ``peft`` model ``model`` (its base alone computes)."""
+    with model.disable_adapter():
+        yield
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside, the previous mode of every submodule restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def frozen_names(module: nn.Module) -> set[str]:
+    """State keys of the parameters of ``module`` that do not train."""
+    return {name for name, param in module.named_parameters(remove_duplicate=False) if not param.requires_grad}
+
+
+def drop_frozen(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Keep only the trainable tensors (and buffers) in a checkpoint of a stage with adapters; else no-op.
+
+    The frozen bases are rebuilt from their dirs when the stage is configured, so they need no copy.
+    """
+    if has_adapters(module):
+        frozen = frozen_names(module)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+
+def restore_frozen(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Fill a checkpoint written by ``drop_frozen`` with the live frozen tensors, so it loads strictly."""
+    if has_adapters(module):
+        live = module.state_dict()
+        for name in frozen_names(module):
+            checkpoint["state_dict"].setdefault(name, live[name])
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """Parameters held (each shared tensor once) and trained by ``module``."""
+    params = list(module.parameters())  # de-duplicated
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def describe_parameters(module: nn.Module) -> str:
+    """One line: parameters held and trained, for the start-up log."""
+    held, trained = parameter_counts(module)
+    share = 100.0 * trained / max(held, 1)
+    return f"{type(module).__name__}: {held / 1e6:,.2f}M parameters held, {trained / 1e6:,.3f}M trained ({share:.2f}%)"
