@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "aggregate",
     "cost_loss",
     "end_scores",
     "gae",
     "gather_logprobs",
+    "k3_kl_loss",
     "kl_shaped_rewards",
     "kl_to_reference",
     "lagrangian_policy_loss",
@@ -538,6 +540,7 @@ def lagrangian_policy_loss(
     multiplier: Tensor | float,
     clip_eps: float = 0.2,
     normalize: bool = True,
+    aggregation: str = "sequence_mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PPO surrogate on the Lagrangian advantage used by Safe RLHF.
 
@@ -548,7 +551,8 @@ def lagrangian_policy_loss(
 
         loss = -masked_mean(min(ρ A, clip(ρ, 1 - ε, 1 + ε) A), mask)
 
-    where :func:`masked_mean` averages each sequence and then the batch. λ = 0 is plain PPO.
+    where :func:`masked_mean` averages each sequence and then the batch (``aggregation =
+    "token_mean"`` averages over all tokens instead, see :func:`aggregate`). λ = 0 is plain PPO.
 
     Args:
         logprobs: Log-probabilities of the response tokens under the current policy, ``(B, A)``.
@@ -559,6 +563,7 @@ def lagrangian_policy_loss(
         multiplier: The Lagrange multiplier λ >= 0, a scalar. Treated as a constant.
         clip_eps: Half-width ε of the trust region on the probability ratio.
         normalize: Divide the merged advantage by ``1 + λ``.
+        aggregation: ``sequence_mean`` (safe-rlhf) or ``token_mean`` (GRPO as in align-anything).
 
     Returns:
         The scalar loss to minimise, and detached ``policy/clip_fraction`` (share of tokens with
@@ -572,7 +577,7 @@ def lagrangian_policy_loss(
     log_ratio = _upcast(logprobs) - _upcast(old_logprobs).detach()
     ratio = torch.exp(log_ratio)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
-    loss = -masked_mean(surrogate, mask)
+    loss = -aggregate(surrogate, mask, aggregation)
     with torch.no_grad():
         stats = {
             "policy/clip_fraction": masked_mean(((ratio - 1).abs() > clip_eps).to(ratio.dtype), mask),
@@ -631,3 +636,62 @@ def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Ten
     """
     kl = _upcast(logprobs) - _upcast(ref_logprobs)
     return torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum(-1).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Critic-free (GRPO-style) options: loss aggregation and the k3 KL term
+# --------------------------------------------------------------------------------------------
+
+
+def aggregate(values: Tensor, mask: Tensor, aggregation: str = "sequence_mean") -> Tensor:
+    """Reduce per-token loss terms to a scalar: per-sequence mean (safe-rlhf) or token mean (GRPO).
+
+    - ``sequence_mean``: :func:`masked_mean`, ``mean_b( Σ_t m x / Σ_t m )``: every sequence weighs the
+      same whatever its length (safe-rlhf's ``masked_mean``, the DeepSeekMath GRPO objective).
+    - ``token_mean``: ``Σ_{b,t} m x / Σ_{b,t} m``: every token weighs the same, so long responses
+      weigh more (align-anything's GRPO, DAPO's token-level loss).
+
+    Args:
+        values: Per-token terms, ``(B, A)``.
+        mask: True on the tokens that count, ``(B, A)``.
+        aggregation: ``sequence_mean`` or ``token_mean``.
+
+    Returns:
+        A scalar tensor in the dtype of ``values``; 0 when the mask is empty.
+    """
+    if aggregation == "sequence_mean":
+        return masked_mean(values, mask)
+    if aggregation == "token_mean":
+        keep = mask.bool()
+        total = torch.where(keep, values, torch.zeros_like(values)).sum()
+        return total / keep.sum().clamp_min(1).to(values.dtype)
+    raise ValueError(f"aggregation must be 'sequence_mean' or 'token_mean', got {aggregation!r}")
+
+
+def k3_kl_loss(
+    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, aggregation: str = "sequence_mean"
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL to the reference policy as a loss term, with Schulman's k3 estimator (GRPO's form).
+
+    Per token, with ``δ_t = log π_ref(a_t) - log π_θ(a_t)``::
+
+        k3_t = exp(δ_t) - δ_t - 1 >= 0
+
+    an unbiased, always non-negative estimate of ``KL(π_θ || π_ref)`` for tokens sampled from π_θ
+    (Schulman, "Approximating KL divergence", 2020; DeepSeekMath Eq. 4), reduced by
+    :func:`aggregate`. The stage adds ``β·loss`` to the actor loss instead of shaping the rewards.
+    Gradients flow through ``logprobs``; the reference is a constant.
+
+    Args:
+        logprobs: Log-probabilities of the response tokens under the current policy, ``(B, A)``.
+        ref_logprobs: The same under the frozen reference policy, ``(B, A)``.
+        mask: True on response tokens that count, ``(B, A)``.
+        aggregation: ``sequence_mean`` or ``token_mean`` (see :func:`aggregate`).
+
+    Returns:
+        The scalar loss (without β), and a detached ``policy/k3_kl`` (the same value).
+    """
+    delta = _upcast(ref_logprobs).detach() - _upcast(logprobs)
+    k3 = torch.exp(delta) - delta - 1
+    loss = aggregate(k3, mask, aggregation)
+    return loss, {"policy/k3_kl": loss.detach()}

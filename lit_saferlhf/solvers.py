@@ -28,6 +28,9 @@ class ConstraintSolver(ABC):
 
     normalize_advantage: bool = True
     """Divide the combined advantage ``A_r - λ·A_c`` by ``1 + λ`` (Safe RLHF's default)."""
+    shapes_reward: bool = False
+    """Train on ONE stream, the end score ``R - λ·C`` shaped with the KL once, with no cost critic
+    (safe-rlhf's ``PPORewardShapingTrainer``), instead of separate reward and cost streams."""
 
     def __init__(self, cost_limit: float, init_multiplier: float) -> None:
         self.cost_limit = float(cost_limit)

@@ -8,11 +8,15 @@ from lit_saferlhf.solvers import ConstraintSolver
 class FixedPenalty(ConstraintSolver):
     """Reward shaping with a constant penalty: the policy trains on ``R - λ·C``; λ never moves.
 
-    This is Safe RLHF's reward-shaping baseline. Its advantages are combined as ``A_r - λ·A_c``
-    without the ``1 + λ`` normaliser (``normalize_advantage = False``), so a large λ trades reward
-    for cost at a fixed rate whatever the observed cost: a large multiplier (e.g. 5.0) makes the
-    policy over-safe, refusing benign requests. ``multiplier=0`` is plain PPO: then ``uses_cost``
-    is false and the stage may leave out the cost model and the cost critic altogether.
+    This is Safe RLHF's reward-shaping baseline, as safe-rlhf's ``PPORewardShapingTrainer`` runs it
+    (``shapes_reward = True``): the end score ``R - λ·C`` forms ONE stream, shaped once with the KL
+    penalty ``-β·KL_t`` and clipped like the reward stream, whose advantages (GAE with the reward
+    critic alone, no cost critic) drive the actor without the ``1 + λ`` normaliser
+    (``normalize_advantage = False``). With a critic-free estimator the same single score is
+    normalised within its group. A large λ trades reward for cost at a fixed rate whatever the
+    observed cost: a large multiplier (e.g. 5.0) makes the policy over-safe, refusing benign
+    requests. ``multiplier=0`` is plain PPO (or plain GRPO/RLOO): then ``uses_cost`` is false and
+    the stage may leave out the cost model altogether.
 
     Args:
         multiplier: The constant penalty λ >= 0 on the cost; 0 is plain (unconstrained) PPO.
@@ -21,6 +25,7 @@ class FixedPenalty(ConstraintSolver):
     """
 
     normalize_advantage = False
+    shapes_reward = True
 
     def __init__(self, multiplier: float = 0.0, cost_limit: float = 0.0) -> None:
         if not multiplier >= 0.0:

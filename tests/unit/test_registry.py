@@ -11,7 +11,7 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
-from lit_saferlhf.registry import SolverPluginError, load_solver_plugins
+from lit_saferlhf.registry import PluginError, load_solver_plugins
 from lit_saferlhf.solvers import ENTRY_POINT_GROUP, ConstraintSolver
 from lit_saferlhf_plugins.solvers import DualAscent, FixedPenalty, PIDLagrangian
 
@@ -83,7 +83,7 @@ def test_third_party_entry_point_is_loaded(site: Path) -> None:
 
 def test_entry_point_to_a_non_solver_names_the_entry_point_and_distribution(site: Path) -> None:
     _install_fake_distribution(site, "broken_lab_solvers", {"NotASolver": "broken_lab_solvers:not_a_solver"})
-    with pytest.raises(SolverPluginError, match="not a subclass of") as info:
+    with pytest.raises(PluginError, match="not a subclass of") as info:
         load_solver_plugins()
     assert "'NotASolver'" in str(info.value)
     assert "broken_lab_solvers 0.1" in str(info.value)  # the distribution that declares it
@@ -91,7 +91,7 @@ def test_entry_point_to_a_non_solver_names_the_entry_point_and_distribution(site
 
 def test_entry_point_that_fails_to_import_names_the_entry_point_and_distribution(site: Path) -> None:
     _install_fake_distribution(site, "typo_lab_solvers", {"Missing": "typo_lab_solvers:HalfStp"})
-    with pytest.raises(SolverPluginError, match="failed to load") as info:
+    with pytest.raises(PluginError, match="failed to load") as info:
         load_solver_plugins()
     assert "'Missing'" in str(info.value)
     assert "typo_lab_solvers 0.1" in str(info.value)
@@ -100,7 +100,7 @@ def test_entry_point_that_fails_to_import_names_the_entry_point_and_distribution
 
 def test_entry_point_reusing_a_builtin_name_is_rejected(site: Path) -> None:
     _install_fake_distribution(site, "clash_lab_solvers", {"DualAscent": "clash_lab_solvers:HalfStep"})
-    with pytest.raises(SolverPluginError, match="already taken by") as info:
+    with pytest.raises(PluginError, match="already taken by") as info:
         load_solver_plugins()
     assert "clash_lab_solvers 0.1" in str(info.value)
 

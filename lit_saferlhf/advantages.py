@@ -1,0 +1,163 @@
+"""The advantage-estimator contract, its default (GAE with a critic per stream) and the group maths.
+
+PPO-Lagrangian turns each of its two per-token streams (reward, cost) into advantages, and the actor
+loss merges them as ``(A_r - λ·A_c) / (1 + λ)``. An ``AdvantageEstimator`` does the first part for
+ONE stream at a time, so reward and cost are always estimated (and, for the group estimators,
+normalised) separately, before λ combines them: normalising the combined score instead would
+silently reweight the two terms and change what λ means (Constrained GRPO, Girgis et al., 2026,
+arXiv 2602.05863; ``METHODS.md`` §6.2 has a numeric example).
+
+- ``GAE`` (here, the stage's default): one critic per stream, Safe RLHF's estimator.
+- ``GroupNormalized`` (GRPO) and ``LeaveOneOut`` (RLOO) in ``plugins/advantages`` (installed as
+  ``lit_saferlhf_plugins.advantages``): no critic; ``G = generation.num_return_sequences`` samples
+  per prompt form a group, and each sample's sequence score is compared with its group's.
+
+The stage imports only this module. Other packages register estimators under the entry-point group
+``lit_saferlhf.advantages`` (see ``lit_saferlhf.registry``).
+
+Shapes: ``N`` sequences in the rollout, ordered prompt-major (the ``G`` samples of one prompt are
+consecutive rows, as Hugging Face ``generate`` returns them), ``A`` response tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from lit_saferlhf.losses import gae
+
+ENTRY_POINT_GROUP = "lit_saferlhf.advantages"
+"""Entry-point group under which other packages register their advantage estimators."""
+
+
+class AdvantageEstimator(ABC):
+    """Turns one per-token stream (reward or cost) into per-token advantages.
+
+    The stream is the KL-shaped reward or cost of the rollout, ``(N, A)``: the end score at the last
+    response token, plus ``∓β·KL_t`` per token when the KL is a reward penalty (``ppo.kl_penalty:
+    reward``); with the KL as a loss term the stream is the end score alone.
+    """
+
+    needs_critics: bool = True
+    """Whether the estimator reads critic values: when false the stage builds, trains and saves no critics."""
+    min_group_size: int = 1
+    """The fewest samples per prompt (``generation.num_return_sequences``) the estimator can use."""
+
+    @abstractmethod
+    def estimate(
+        self, stream: Tensor, mask: Tensor, group_size: int, values: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Advantages of one stream, and the critic's targets (None when the estimator uses no critic).
+
+        Args:
+            stream: Per-token rewards (or costs) of the rollout, ``(N, A)``, zero on padding.
+            mask: True on response tokens that exist, ``(N, A)``.
+            group_size: ``G``, consecutive rows sampled from the same prompt; ``N`` is a multiple of it.
+            values: The stream's critic values, ``(N, A)``; None when ``needs_critics`` is false.
+
+        Returns:
+            ``(advantages, returns)``, each ``(N, A)`` and zero on padding; ``returns`` is None
+            without a critic.
+        """
+
+
+class GAE(AdvantageEstimator):
+    """Generalised advantage estimation with a critic per stream (Safe RLHF's estimator, the default).
+
+    :func:`lit_saferlhf.losses.gae` on the stream and its critic's values: ``δ_t = r_t + γ V_{t+1} - V_t``,
+    ``Â_t = δ_t + γ λ_GAE Â_{t+1}``, returns ``Â_t + V_t`` (Schulman et al., 2016, Eq. 16).
+
+    Args:
+        gamma: Discount γ (1.0 in Safe RLHF).
+        lam: GAE's λ (0.95 in Safe RLHF), not the Lagrange multiplier.
+    """
+
+    def __init__(self, gamma: float = 1.0, lam: float = 0.95) -> None:
+        self.gamma, self.lam = gamma, lam
+
+    def estimate(
+        self, stream: Tensor, mask: Tensor, group_size: int, values: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """GAE advantages and returns of ``stream`` against ``values`` (``group_size`` is not used)."""
+        if values is None:
+            raise ValueError("GAE needs the critic's values of the stream; the stage passed none")
+        return gae(stream, values, mask, self.gamma, self.lam)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure maths of the critic-free estimators
+# --------------------------------------------------------------------------------------------
+
+
+def sequence_scores(stream: Tensor, mask: Tensor) -> Tensor:
+    """Each sequence's score: its stream summed over the response tokens, ``(N, A) -> (N,)``.
+
+    With the KL in the loss the stream holds only the end score, so this is the reward (or cost)
+    model's score; with the KL as a reward penalty it is ``R - β·Σ_t KL_t`` (``C + β·Σ_t KL_t``),
+    the undiscounted return of the stream.
+    """
+    return torch.where(mask.bool(), stream, torch.zeros_like(stream)).sum(-1)
+
+
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    """``(N,) -> (N / G, G)``, with a clear error when ``N`` is not a multiple of ``G``."""
+    if group_size < 1 or scores.numel() % group_size:
+        raise ValueError(
+            f"{scores.numel()} sequences do not split into groups of generation.num_return_sequences = {group_size}"
+        )
+    return scores.reshape(-1, group_size)
+
+
+def group_normalized_advantages(scores: Tensor, group_size: int, eps: float = 1e-4, unbiased: bool = True) -> Tensor:
+    """GRPO's advantage: each score z-scored within its group (Shao et al., 2024, DeepSeekMath Sec. 4.1.2).
+
+    ``A_i = (s_i - mean_g(s)) / (std_g(s) + ε)`` over the ``G`` consecutive scores of group ``g``,
+    with the sample std (``unbiased``, ``G - 1`` in the denominator, as ``torch.std``, TRL and
+    align-anything's GRPO) or the population std (``G``). A group whose scores are all equal, and so
+    any group of one (``G = 1``), gets advantage 0, never NaN, whatever ``ε``.
+
+    Args:
+        scores: Sequence scores, ``(N,)`` with ``N = groups * G``, the samples of a prompt consecutive.
+        group_size: ``G``.
+        eps: ``ε`` added to the std (align-anything and TRL: 1e-4).
+        unbiased: Sample std (True) or population std (False).
+
+    Returns:
+        Advantages, ``(N,)``, in the dtype of ``scores`` (at least float32).
+    """
+    groups = _groups(scores.detach().to(torch.promote_types(scores.dtype, torch.float32)), group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if group_size == 1:
+        return torch.zeros_like(groups).reshape(-1)
+    std = groups.std(-1, correction=1 if unbiased else 0, keepdim=True)
+    constant = groups.amax(-1, keepdim=True) == groups.amin(-1, keepdim=True)  # rounding must not give ±1
+    advantages = torch.where(constant, torch.zeros_like(groups), centred / (std + eps))
+    return advantages.reshape(-1)
+
+
+def leave_one_out_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """RLOO's advantage: each score minus the mean of the other ``G - 1`` in its group (Kool et al., 2019).
+
+    ``A_i = s_i - (Σ_j s_j - s_i) / (G - 1) = G / (G - 1) · (s_i - mean_g(s))`` (Ahmadian et al.,
+    2024, Eq. 5). ``G = 1`` has no other sample and gets advantage 0; so does a group of equal scores.
+
+    Args:
+        scores: Sequence scores, ``(N,)`` with ``N = groups * G``, the samples of a prompt consecutive.
+        group_size: ``G``.
+
+    Returns:
+        Advantages, ``(N,)``, in the dtype of ``scores`` (at least float32).
+    """
+    groups = _groups(scores.detach().to(torch.promote_types(scores.dtype, torch.float32)), group_size)
+    if group_size == 1:
+        return torch.zeros_like(groups).reshape(-1)
+    baseline = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    constant = groups.amax(-1, keepdim=True) == groups.amin(-1, keepdim=True)
+    return torch.where(constant, torch.zeros_like(groups), groups - baseline).reshape(-1)
+
+
+def broadcast_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
+    """A per-sequence advantage on every response token of its sequence, zero on padding: ``(N,) -> (N, A)``."""
+    return torch.where(mask.bool(), advantages.unsqueeze(-1), advantages.new_zeros(()))
