@@ -60,11 +60,19 @@ def export_command(argv: Sequence[str]) -> None:
     run(argv)
 
 
+def select_command(argv: Sequence[str]) -> None:
+    """``lit-saferlhf select``: an FDC safety set with exact quotas per risk category (Equilibrate RLHF)."""
+    from lit_saferlhf.select import select_command as run
+
+    run(argv)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "pipeline": pipeline_command,
     "evaluate": evaluate_command,
     "export": export_command,
     "world": world_command,
+    "select": select_command,
 }
 
 
