@@ -10,6 +10,7 @@ from lit_saferlhf.data.adapters import (
     load_records,
 )
 from lit_saferlhf.data.datamodules import CostData, PromptData, RecordData, RewardData, SFTData
+from lit_saferlhf.data.preference import PreferenceData
 from lit_saferlhf.data.records import (
     BadRecordError,
     Message,
@@ -29,6 +30,7 @@ __all__ = [
     "CostData",
     "Message",
     "PKUSafeRLHF",
+    "PreferenceData",
     "PreferenceRecord",
     "PromptData",
     "PromptList",

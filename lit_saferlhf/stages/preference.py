@@ -1,0 +1,314 @@
+"""Offline preference optimisation: one stage for DPO, IPO, KTO, BFPO, SafeDPO, C-DPO, SACPO, MoCAN and PeCAN.
+
+Starts from a policy (usually the SFT export, stage 1) and trains it on response pairs against a
+frozen reference (by default the starting policy) with a swappable objective
+(``lit_saferlhf.objectives.Objective``; built-ins in ``plugins/objectives``). Log-probabilities are
+summed over response tokens, as in every reference implementation (METHODS.md §0). Objectives that
+need scores take them from a reward and a cost *score source*: a score-model export, or the
+implicit reward ``β·(ℓ_π − ℓ_ref)`` of a DPO-trained policy (PeCAN). C-DPO's multiplier is moved by a
+constraint solver from the cost of the policy's own samples; CAN's λ* is fitted once, before
+training, from scored reference samples. The export is a Hugging Face dir like SFT's, plus
+``objective.json`` (the objective, its λ and the solver's state).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lit_saferlhf.losses import gather_logprobs
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer, replace_dir
+from lit_saferlhf.models.score_model import ScoreModel
+from lit_saferlhf.models.sharding import full_state_dict, shard
+from lit_saferlhf.objectives import Objective, PairBatch, pair_metrics
+from lit_saferlhf.rollout import GenerationArgs, Generator, HFGenerate, response_mask
+from lit_saferlhf.utils import OptimizerArgs, build_optimizer
+
+
+@dataclass(frozen=True)
+class ScoreSource:
+    """Where a per-response score comes from: a score model, or the implicit reward of a DPO policy."""
+
+    path: str
+    """A score-model export (reward or cost stage), or a policy dir when ``implicit_beta`` is set."""
+    implicit_beta: float | None = None
+    """None: ``path`` is a score model (its end score). A number β: ``path`` is a policy trained by DPO from
+    this stage's reference, and the score is its implicit reward ``β·(ℓ_π(y|x) − ℓ_ref(y|x))``."""
+    negate: bool = False
+    """Use minus the score (a safety model's implicit reward is a utility; as a cost it is negated)."""
+
+
+torch.serialization.add_safe_globals([ScoreSource])
+
+
+class PreferenceOptimization(L.LightningModule):
+    """Trains a policy on response pairs with an offline objective against a frozen reference.
+
+    Args:
+        policy: The starting policy (hub name or dir; usually the SFT export).
+        objective: The loss (``DPO``, ``IPO``, ``KTO``, ``BFPO``, ``SafeDPO``, ``CDPO``, ``MoCAN``, ``PeCAN``).
+        reference: The frozen reference policy; defaults to ``policy`` (SACPO's second step names the first's export).
+        reward_model: Reward scores for objectives that need them (C-DPO, MoCAN, PeCAN).
+        cost_model: Cost scores (> 0 harmful) for objectives that need them.
+        optimizer: AdamW and schedule (BFPO: lr 5e-7 cosine; SACPO: 2e-5 cosine).
+        generation: Sampling settings for C-DPO's cost estimate and CAN's reference samples.
+        generator: The generation backend (default: Hugging Face ``generate``).
+        cache_reference: Keep each training pair's reference log-probs the first time it is seen, so later
+            epochs skip the reference forward (valid while the objective's token weights are fixed per pair).
+        dtype: Weights dtype of every network when loading (None: float32).
+        gradient_checkpointing: Recompute the policy's activations in backward.
+        export_dir: Where to write the trained policy (Hugging Face dir) at the end of ``fit``.
+    """
+
+    def __init__(
+        self,
+        policy: str,
+        objective: Objective,
+        reference: str | None = None,
+        reward_model: ScoreSource | None = None,
+        cost_model: ScoreSource | None = None,
+        optimizer: OptimizerArgs = OptimizerArgs(lr=5e-7),
+        generation: GenerationArgs = GenerationArgs(max_new_tokens=128),
+        generator: Generator | None = None,
+        cache_reference: bool = False,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_sources(objective, reward_model, cost_model)
+        self.save_hyperparameters(ignore=["objective", "generator", "optimizer", "generation"])
+        self.paths = {"policy": policy, "reference": reference or policy}
+        self.sources = {"rewards": reward_model, "costs": cost_model}
+        self.objective, self.generator = objective, generator or HFGenerate()
+        self.optimizer_args, self.generation, self.cache_reference = optimizer, generation, cache_reference
+        self.dtype_name, self.gradient_checkpointing, self.export_dir = dtype, gradient_checkpointing, export_dir
+        self.tokenizer = load_tokenizer(ModelSource(path=policy))
+        self.reference_cache: dict[int, Tensor] = {}
+        self.policy: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        """Build the policy, the frozen reference and the score sources the objective needs."""
+        if self.policy is not None:
+            return
+        self.policy = self.causal_lm(self.paths["policy"], trained=True)
+        self.reference = self.causal_lm(self.paths["reference"], trained=False)
+        self.scorers = nn.ModuleDict(
+            {name: self.scorer(source) for name, source in self.sources.items() if source is not None}
+        )
+        self.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
+
+    def causal_lm(self, path: str, trained: bool) -> nn.Module:
+        """A policy network, trained or frozen, sharded when the strategy gives a device mesh."""
+        checkpointing = trained and self.gradient_checkpointing
+        source = ModelSource(path=path, dtype=self.dtype_name, gradient_checkpointing=checkpointing)
+        model = build_causal_lm(source, self.tokenizer)
+        return shard(model if trained else frozen(model), self.device_mesh)
+
+    def scorer(self, source: ScoreSource) -> nn.Module:
+        """The frozen network behind a score source."""
+        if source.implicit_beta is not None:
+            return self.causal_lm(source.path, trained=False)
+        model = ScoreModel.from_source(ModelSource(path=source.path, dtype=self.dtype_name), self.tokenizer)
+        return shard(frozen(model), self.device_mesh)
+
+    def on_fit_start(self) -> None:
+        """CAN: fit λ* once from scored reference samples (every rank takes rank 0's)."""
+        if self.objective.dual_samples > 0 and self.objective.multiplier is None:
+            rewards, costs = self.score_reference_samples()
+            stats = self.trainer.strategy.broadcast(self.objective.fit_dual(rewards, costs), src=0)
+            self.objective.load_state_dict({"multiplier": stats["multiplier"]})
+            self.print(f"{type(self.objective).__name__}: λ* = {stats['multiplier']:.6g} ({stats})")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """The objective on one batch of pairs (plus the buffer batch when the data has one)."""
+        pairs = self.pair_batch(batch, cache=self.cache_reference)
+        loss, stats = self.objective(pairs)
+        if "buffer_input_ids" in batch:
+            buffer = {key.removeprefix("buffer_"): value for key, value in batch.items() if key.startswith("buffer_")}
+            buffer_loss, _ = self.objective(self.pair_batch(buffer, cache=False))
+            loss = loss + self.objective.buffer_weight * buffer_loss
+            stats["buffer_loss"] = buffer_loss.detach()
+        self.log_dict(self.metrics("train", loss, stats, pairs), prog_bar=False, batch_size=len(pairs))
+        return loss
+
+    def pair_batch(self, batch: dict[str, Tensor], cache: bool) -> PairBatch:
+        """Summed response log-probs of policy and reference, ``(B, 2)``, the data's labels and the scores."""
+        weights = self.objective.token_weights(batch["response_mask"][:, 1:], batch)  # (2B, L - 1)
+        logprobs = summed_logprobs(self.policy, batch["input_ids"], batch["attention_mask"], weights)
+        with torch.no_grad():
+            ref_logprobs = self.reference_logprobs(batch, weights, cache)
+            scores = {name: self.score(name, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+                      for name in self.scorers}  # fmt: skip
+        labels = {name: batch[name] for name in ("better", "safer", "is_safe") if name in batch}
+        return PairBatch(logprobs.view(-1, 2), ref_logprobs.view(-1, 2), **labels, **scores)
+
+    def reference_logprobs(self, batch: dict[str, Tensor], weights: Tensor, cache: bool) -> Tensor:
+        """The reference's summed log-probs ``(2B,)``, from the cache when every pair of the batch is in it."""
+        indices = batch["index"].tolist()
+        if cache and all(i in self.reference_cache for i in indices):
+            return torch.cat([self.reference_cache[i] for i in indices]).to(weights.device)
+        values = summed_logprobs(self.reference, batch["input_ids"], batch["attention_mask"], weights)
+        if cache:
+            self.reference_cache.update({i: pair.cpu() for i, pair in zip(indices, values.view(-1, 2), strict=True)})
+        return values
+
+    def score(self, name: str, ids: Tensor, attention: Tensor, responses: Tensor) -> Tensor:
+        """Scores of sequences ``(N,)`` from the ``rewards`` or ``costs`` source; ``responses`` marks the response."""
+        source, network = self.sources[name], self.scorers[name]
+        if source.implicit_beta is None:
+            values = network(ids, attention).end_scores.float()
+        else:
+            mask = responses[:, 1:].float()
+            policy = summed_logprobs(network, ids, attention, mask)
+            values = source.implicit_beta * (policy - summed_logprobs(self.reference, ids, attention, mask))
+        return -values if source.negate else values
+
+    def metrics(self, split: str, loss: Tensor, stats: dict[str, Tensor], pairs: PairBatch) -> dict[str, Any]:
+        """Loss, the objective's stats, margins and accuracies per pair kind, and λ where there is one."""
+        out = {f"{split}/loss": loss.detach(), **{f"{split}/objective/{k}": v for k, v in stats.items()}}
+        out |= {f"{split}/{k}": v for k, v in pair_metrics(pairs.logratios, pairs.better, pairs.safer).items()}
+        if self.objective.multiplier is not None:
+            out[f"{split}/multiplier"] = float(self.objective.multiplier)
+        return out
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """C-DPO with ``update_every``: a dual step every that many optimiser steps."""
+        every = getattr(self.objective, "update_every", None)
+        if self.objective.solver is not None and every and self.global_step % every == 0:
+            self.dual_step()
+
+    def on_train_epoch_end(self) -> None:
+        """C-DPO without ``update_every``: a dual step at the end of every epoch."""
+        if self.objective.solver is not None and not getattr(self.objective, "update_every", None):
+            self.dual_step()
+
+    def dual_step(self) -> None:
+        """Sample the policy on held-out prompts, score with the cost model, and step the solver on the mean."""
+        costs = torch.cat([self.sample_and_score(self.policy, batch, 1, ("costs",))["costs"] for batch in
+                           self.prompt_batches()])  # fmt: skip
+        mean_cost = float(self.trainer.strategy.reduce(costs.mean().double(), reduce_op="mean"))
+        stats = self.objective.solver.update(mean_cost)
+        self.log_dict({"dual/policy_cost": mean_cost, **{f"dual/{k}": v for k, v in stats.items()}})
+
+    def score_reference_samples(self) -> tuple[Tensor, Tensor]:
+        """``dual_samples`` reference samples per prompt, scored: rewards and costs ``(n, N)`` each."""
+        count = self.objective.dual_samples
+        scored = [self.sample_and_score(self.reference, batch, count, ("rewards", "costs"))
+                  for batch in self.prompt_batches()]  # fmt: skip
+        return tuple(torch.cat([s[name] for s in scored]).view(-1, count).cpu() for name in ("rewards", "costs"))
+
+    def prompt_batches(self) -> list[dict[str, Tensor]]:
+        """The datamodule's sampling prompts, on this device."""
+        batches = self.trainer.datamodule.prompt_batches(
+            self.objective.sample_prompts, self.trainer.datamodule.batch_size
+        )
+        return [{key: value.to(self.device) for key, value in batch.items()} for batch in batches]
+
+    @torch.no_grad()
+    def sample_and_score(
+        self, model: nn.Module, prompts: dict[str, Tensor], count: int, names: tuple[str, ...]
+    ) -> dict[str, Tensor]:
+        """Sample ``count`` responses per prompt from ``model`` and score each with the named sources."""
+        was_training = model.training
+        model.eval()
+        args = replace(self.generation, num_return_sequences=count)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        sequences = self.generator.generate(model, prompts["input_ids"], prompts["attention_mask"], args, eos, pad)
+        model.train(was_training)
+        start = prompts["input_ids"].shape[1]
+        responses = response_mask(sequences[:, start:], eos)  # (N, A)
+        prompt_mask = prompts["attention_mask"].repeat_interleave(count, dim=0)
+        attention = torch.cat([prompt_mask, responses.long()], dim=1)
+        marks = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), responses], dim=1)
+        return {name: self.score(name, sequences, attention, marks) for name in names}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """The objective and the pair metrics on held-out pairs."""
+        pairs = self.pair_batch(batch, cache=False)
+        loss, stats = self.objective(pairs)
+        self.log_dict(self.metrics("val", loss, stats, pairs), batch_size=len(pairs), sync_dist=True)
+
+    def train(self, mode: bool = True) -> PreferenceOptimization:
+        """Keep the frozen networks in eval mode whatever Lightning sets."""
+        super().train(mode)
+        for network in (getattr(self, "reference", None), *getattr(self, "scorers", {}).values()):
+            if network is not None:
+                network.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The objective's λ and solver state, as plain Python data."""
+        checkpoint["objective"] = self.objective.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume with the same λ and solver state."""
+        self.objective.load_state_dict(checkpoint["objective"])
+
+    def on_train_end(self) -> None:
+        """Export the trained policy with ``objective.json``."""
+        state = full_state_dict(self, "policy")  # every rank takes part in gathering a sharded model
+        if self.export_dir and self.trainer.is_global_zero:
+            self.export_to(self.export_dir, state)
+
+    def export_to(self, out: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the policy as a Hugging Face dir with ``objective.json`` (also what ``lit-saferlhf export`` writes).
+
+        Every file is written into a staging dir beside ``out`` that is renamed into place, so an
+        interrupted export never leaves a dir without its ``objective.json``.
+        """
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        self.policy.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        self.tokenizer.save_pretrained(staging)
+        summary = {**self.objective.state_dict(), "settings": objective_settings(self.objective)}
+        (staging / "objective.json").write_text(json.dumps(summary, indent=2, default=str))
+        replace_dir(staging, out)
+        return out
+
+    def configure_optimizers(self) -> dict:
+        """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""
+        optimizer, scheduler = build_optimizer(
+            [(self.policy, self.optimizer_args)], self.trainer.estimated_stepping_batches
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_sources(objective: Objective, reward_model: ScoreSource | None, cost_model: ScoreSource | None) -> None:
+    """Stop at start-up when the objective needs a score source that is not configured."""
+    needs = set(objective.requires) | ({"costs"} if objective.solver is not None else set())
+    needs |= {"rewards", "costs"} if objective.dual_samples > 0 else set()
+    for name, key, source in (("rewards", "reward_model", reward_model), ("costs", "cost_model", cost_model)):
+        if name in needs and source is None:
+            raise ValueError(
+                f"model.init_args.{key}: the objective {type(objective).__name__} needs {name} scores; "
+                f"set {key}: {{path: <score-model dir>}} (or a DPO policy with implicit_beta)"
+            )
+
+
+def objective_settings(objective: Objective) -> dict[str, Any]:
+    """The objective's plain settings (numbers, strings, flags), for ``objective.json``."""
+    return {k: v for k, v in vars(objective).items() if isinstance(v, int | float | str | bool | type(None))}
+
+
+def frozen(network: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: never in the optimiser."""
+    network.eval()
+    network.requires_grad_(False)
+    return network
+
+
+def summed_logprobs(model: nn.Module, ids: Tensor, attention: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_t w_t log π(y_t | y_<t)`` per sequence, ``(N,)``; ``weights`` align with the targets ``ids[:, 1:]``."""
+    positions = (attention.long().cumsum(-1) - 1).clamp_min(0)  # skips left padding of sampled sequences
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits  # (N, L, V)
+    logprobs = gather_logprobs(logits[:, :-1], ids[:, 1:])  # (N, L - 1)
+    return (logprobs * weights.to(logprobs.dtype)).sum(-1)
