@@ -24,9 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "aggregate",
+    "chunked_token_logprobs",
     "cost_loss",
     "end_scores",
     "gae",
@@ -695,3 +697,150 @@ def k3_kl_loss(
     k3 = torch.exp(delta) - delta - 1
     loss = aggregate(k3, mask, aggregation)
     return loss, {"policy/k3_kl": loss.detach()}
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities from hidden states, without the full-vocabulary logits
+# --------------------------------------------------------------------------------------------
+
+
+def chunked_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    logit_softcap: float | None = None,
+) -> Tensor:
+    """Log-probabilities of ``tokens`` under the output layer, computed from hidden states a chunk at a time.
+
+    ``log_softmax(h W^T + b)[token] = z[token] - logsumexp(z)`` with ``z = h W^T + b`` (optionally
+    ``cap·tanh(z / cap)``, Gemma 2's soft cap), for at most ``chunk_size`` positions at once: only one
+    chunk's ``(chunk_size, V)`` logits ever exist instead of ``(B, L, V)``. With gradients, each chunk
+    is checkpointed (its logits are recomputed in backward, one chunk at a time), so backward holds no
+    logits either. Logits are taken in at least float32; equal to :func:`gather_logprobs` of the full
+    logits up to rounding.
+
+    Args:
+        hidden: Last hidden states (after the final norm), ``(B, L, H)``.
+        weight: Output-layer weight, ``(V, H)``.
+        tokens: Token ids whose log-probabilities to take, ``(B, L)``; no shift is applied.
+        bias: Output-layer bias, ``(V,)``, or None.
+        chunk_size: Positions per chunk.
+        logit_softcap: Soft cap of the logits (``final_logit_softcapping``), or None.
+
+    Returns:
+        Log-probabilities, ``(B, L)``, float32 (float64 for float64 inputs).
+    """
+    flat_hidden, flat_tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1).long()
+    pieces = []
+    for start in range(0, flat_tokens.shape[0], chunk_size):
+        chunk = (flat_hidden[start : start + chunk_size], weight, bias, flat_tokens[start : start + chunk_size])
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            pieces.append(checkpoint(_chunk_logprobs, *chunk, logit_softcap, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*chunk, logit_softcap))
+    return torch.cat(pieces).reshape(tokens.shape)
+
+
+def _chunk_logprobs(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, logit_softcap: float | None
+) -> Tensor:
+    """``log_softmax(logits)[token]`` for one chunk of positions, ``(C,)``."""
+    logits = _upcast(F.linear(hidden, weight, bias))  # (C, V)
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# AMA (Equilibrate RLHF): token masks of ADPO and APPO (lit_saferlhf.ama has the decisions)
+# --------------------------------------------------------------------------------------------
+
+
+def adpo_token_mask(scores: Tensor, mask: Tensor, chosen: Tensor, baseline: float = 0.0) -> Tensor:
+    """ADPO's token weights: chosen responses keep tokens scoring above ``b``, rejected ones tokens below.
+
+    ``w[2i + k, t] = resp[2i + k, t] · (1[s > b] if k == chosen[i] else 1[s < b])`` (METHODS.md §2 (b-2)).
+
+    Args:
+        scores: Per-token scores ``s_t`` of both responses of each pair, pair i at rows 2i, 2i + 1, ``(2B, L)``.
+        mask: True on response tokens, ``(2B, L)``.
+        chosen: Index (0 or 1) of the preferred response of each pair, ``(B,)``.
+        baseline: ``b``.
+
+    Returns:
+        Float weights ``(2B, L)`` in {0, 1}.
+    """
+    side = torch.arange(scores.shape[0], device=scores.device) % 2  # (2B,) k of each row
+    is_chosen = (side == chosen.to(scores.device).long().repeat_interleave(2)).unsqueeze(-1)  # (2B, 1)
+    keep = torch.where(is_chosen, scores > baseline, scores < baseline)
+    return (keep & mask.bool()).to(torch.float32)
+
+
+def appo_token_mask(values: Tensor, advantages: Tensor, mask: Tensor, baseline: float = 0.0) -> Tensor:
+    """APPO's mask: tokens whose critic value agrees in sign (against ``b``) with their advantage.
+
+    ``M_t = resp_t · (1[V_t > b] if A_t ≥ 0 else 1[V_t < b])`` (``appo_trainer.py`` L363-379, as meant).
+
+    Args:
+        values: Critic values ``V_t`` of the response tokens, ``(B, A)``.
+        advantages: Per-token advantages ``A_t``, ``(B, A)``.
+        mask: True on response tokens, ``(B, A)``.
+        baseline: ``b``.
+
+    Returns:
+        A bool mask ``(B, A)``.
+    """
+    agrees = torch.where(advantages >= 0, values > baseline, values < baseline)
+    return agrees & mask.bool()
+
+
+def appo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    reward_advantages: Tensor,
+    cost_advantages: Tensor,
+    reward_values: Tensor,
+    cost_values: Tensor,
+    mask: Tensor,
+    multiplier: Tensor | float,
+    clip_eps: float = 0.2,
+    normalize: bool = True,
+    baseline: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """APPO: :func:`lagrangian_policy_loss` on the tokens of :func:`appo_token_mask`, averaged over all B sequences.
+
+    With ``V = V_r − λ·V_c`` and ``A = A_r − λ·A_c`` (the Lagrangian value and advantage; the
+    ``1/(1+λ)`` normalisation changes no sign) and ``M = appo_token_mask(V, A, mask, b)``::
+
+        loss = −(1/B) Σ_i [ Σ_t M_it · min(r_it A_it, clip(r_it, 1−ε, 1+ε) A_it) / Σ_t M_it ]
+
+    (``appo_trainer.py`` L363-379 with OpenRLHF's per-sequence masked mean; METHODS.md §2 (b-2)). A
+    sequence with no kept token contributes 0 and still counts in ``1/B``.
+
+    Args:
+        logprobs, old_logprobs, reward_advantages, cost_advantages, mask, multiplier, clip_eps,
+            normalize: As in :func:`lagrangian_policy_loss`, ``(B, A)`` each.
+        reward_values: Reward-critic values at rollout time, ``(B, A)`` (zeros when the run has none).
+        cost_values: Cost-critic values at rollout time, ``(B, A)`` (zeros when the run has none).
+        baseline: ``b`` of the mask.
+
+    Returns:
+        The scalar loss, :func:`lagrangian_policy_loss`'s stats on the kept tokens, and
+        ``policy/ama_kept_fraction`` (kept share of the response tokens) and
+        ``policy/ama_empty_fraction`` (share of sequences with no kept token).
+    """
+    multiplier = torch.as_tensor(multiplier, dtype=reward_advantages.dtype, device=reward_advantages.device).detach()
+    values = (reward_values - multiplier * cost_values).detach()
+    advantages = (reward_advantages - multiplier * cost_advantages).detach()
+    kept = appo_token_mask(values, advantages, mask, baseline)  # (B, A)
+    loss, stats = lagrangian_policy_loss(
+        logprobs, old_logprobs, reward_advantages, cost_advantages, kept, multiplier, clip_eps, normalize
+    )
+    nonempty = kept.any(-1)  # masked_mean averaged over the non-empty rows only: rescale to all B rows
+    loss = loss * nonempty.sum() / max(kept.shape[0], 1)
+    with torch.no_grad():
+        stats["policy/ama_kept_fraction"] = kept.sum() / mask.bool().sum().clamp_min(1)
+        stats["policy/ama_empty_fraction"] = 1 - nonempty.to(torch.float32).mean()
+    return loss, stats

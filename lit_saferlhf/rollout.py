@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lit_saferlhf.errors import require
+from lit_saferlhf.losses import chunked_token_logprobs, gather_logprobs
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,47 @@ def response_mask(responses: Tensor, eos_id: int) -> Tensor:
     is_eos = responses == eos_id
     eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()  # EOS tokens strictly before t
     return eos_before == 0
+
+
+def response_logprobs(model: Any, sequences: Tensor, attention: Tensor, start: int, chunk_size: int = 1024) -> Tensor:
+    """Log-probs of the response tokens ``sequences[:, start:]`` under a causal LM, ``(N, A)``.
+
+    From the decoder's last hidden states through :func:`~lit_saferlhf.losses.chunked_token_logprobs`:
+    the output layer runs on the response positions only, ``chunk_size`` positions at a time, so the
+    ``(N, L, V)`` logits never exist (nor are they kept for backward). Where the output layer's weights
+    are not plain local tensors (FSDP2, FSDP1, ZeRO-3: the wrapper gathers them in the model's own
+    forward) or the model transforms its logits beyond a soft cap, the same numbers come from the
+    model's full logits instead.
+
+    Args:
+        model: A Hugging Face causal LM (possibly wrapped by ``peft``).
+        sequences: Prompt + response ids, ``(N, L)``.
+        attention: Attention mask, ``(N, L)``; left-padded prompts.
+        start: Column of the first response token.
+        chunk_size: Positions per chunk of the output layer.
+    """
+    positions = position_ids(attention)
+    head = model.get_output_embeddings()
+    config = model.config
+    scaled = any(getattr(config, name, None) is not None for name in ("logit_scale", "logits_scaling"))
+    if type(head) is not torch.nn.Linear or scaled or not plain_parameters(model):
+        logits = model(input_ids=sequences, attention_mask=attention, position_ids=positions).logits
+        return gather_logprobs(logits[:, start - 1 : -1], sequences[:, start:])
+    hidden = model.get_decoder()(input_ids=sequences, attention_mask=attention, position_ids=positions)[0]
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return chunked_token_logprobs(
+        hidden[:, start - 1 : -1], head.weight, sequences[:, start:], head.bias, chunk_size, softcap
+    )
+
+
+def plain_parameters(model: Any) -> bool:
+    """Whether every parameter of ``model`` is a whole local tensor (not FSDP2, FSDP1 or ZeRO-3 managed)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lit_saferlhf.models.sharding import is_sharded, is_zero3_partitioned
+
+    wrapped = any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+    return not (wrapped or is_sharded(model) or is_zero3_partitioned(model))
 
 
 @dataclass

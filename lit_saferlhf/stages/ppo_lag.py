@@ -2,11 +2,17 @@
 
 Maximise the reward model's score subject to ``E[cost] <= d``: sample responses, score them with
 the frozen reward and cost models, shape both streams with the KL to the frozen reference
-policy, estimate advantages with one critic per stream (GAE), and update the actor on
-``(A_r - λ·A_c) / (1 + λ)``. A constraint solver (``plugins/solvers``) moves λ from the episode
-cost once per rollout, identically on every rank.
+policy (or keep the KL as a separate loss term), turn each stream into advantages on its own with
+an advantage estimator, and update the actor on ``(A_r - λ·A_c) / (1 + λ)``. A constraint solver
+(``plugins/solvers``) moves λ from the episode cost once per rollout, identically on every rank.
 
-Manual optimisation with ONE optimiser whose parameter groups hold the actor and both critics
+The estimator (``lit_saferlhf.advantages``) is GAE with one critic per stream by default (six
+networks: actor, reference, reward and cost models, two critics); the critic-free ones in
+``plugins/advantages`` (GRPO's group z-score, RLOO's leave-one-out mean) compare the
+``generation.num_return_sequences`` samples of each prompt instead, and the stage then builds,
+trains and saves no critics (four networks).
+
+Manual optimisation with ONE optimiser whose parameter groups hold the actor and its critics
 (each with its own lr and schedule): DeepSpeed accepts a single optimiser, and one combined
 backward per minibatch keeps DDP free of unused-parameter errors.
 """
@@ -18,16 +24,18 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lit_saferlhf.advantages import GAE, AdvantageEstimator
+from lit_saferlhf.errors import ConfigError, require
 from lit_saferlhf.losses import (
-    gae,
-    gather_logprobs,
+    k3_kl_loss,
     kl_shaped_rewards,
     kl_to_reference,
     lagrangian_policy_loss,
@@ -35,11 +43,13 @@ from lit_saferlhf.losses import (
     value_loss,
 )
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.models.lora import LoraArgs, ReferencePolicy, drop_frozen, restore_frozen, shared_frozen
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.rollout import GenerationArgs, Generator, HFGenerate, Rollout, response_mask
+from lit_saferlhf.rollout import response_logprobs as chunked_response_logprobs
 from lit_saferlhf.solvers import ConstraintSolver
-from lit_saferlhf.utils import OptimizerArgs, build_optimizer
+from lit_saferlhf.utils import OptimizerArgs, build_optimizer, check_model_path
 
 
 @dataclass(frozen=True)
@@ -55,13 +65,18 @@ class PPOArgs:
     value_clip: float = 5.0
     """How far a critic's value may move from its rollout value before the loss clips it."""
     score_clip: float = 50.0
-    """End reward and cost are clipped to ``±score_clip`` before shaping."""
+    """Each per-token stream is clipped to ``±score_clip`` after the end score is added to its last token's
+    KL term (as safe-rlhf clips), so the end score itself is clipped only where it exceeds the bound."""
     kl_coeff: float = 0.01
-    """β: per-token KL penalty to the reference policy."""
-    gamma: float = 1.0
-    """Discount of GAE."""
-    gae_lambda: float = 0.95
-    """λ of GAE (not the Lagrange multiplier)."""
+    """β: weight of the KL to the reference policy (a reward penalty or a loss term, see ``kl_penalty``)."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """``reward``: ``-β·KL_t`` shapes the reward stream and ``+β·KL_t`` the cost stream, per token (Safe RLHF).
+    ``loss``: the streams hold the end scores only, and ``β·k3`` (``exp(ref - logp) - (ref - logp) - 1``, averaged
+    over response tokens by ``loss_aggregation``) is added to the actor loss (GRPO's form)."""
+    loss_aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    """How the actor loss (and the k3 term) averages tokens: ``sequence_mean`` averages each response, then the
+    batch (safe-rlhf, every response weighs the same); ``token_mean`` averages all response tokens of the
+    minibatch (align-anything's GRPO, long responses weigh more)."""
     cost_window: int = 128
     """The episode cost is the mean cost of the last ``cost_window`` sequences on each rank."""
     max_grad_norm: float | None = 1.0
@@ -69,9 +84,26 @@ class PPOArgs:
     ptx_coeff: float = 16.0
     """Weight of the PTX loss (LM loss on demonstrations) when the data carries them (``data.ptx_path``)."""
 
+    def __post_init__(self) -> None:
+        for key in ("epochs", "minibatch_size", "cost_window"):
+            require(getattr(self, key) >= 1, key, "an integer >= 1", getattr(self, key))
+        for key in ("clip_eps", "value_clip", "score_clip"):
+            require(getattr(self, key) > 0, key, "a number > 0", getattr(self, key))
+        for key in ("kl_coeff", "ptx_coeff"):
+            require(getattr(self, key) >= 0, key, "a number >= 0", getattr(self, key))
+        norm = self.max_grad_norm
+        require(norm is None or norm > 0, "max_grad_norm", "None or a number > 0", norm)
+
+
+NETWORKS = ("actor", "reference", "reward_model", "cost_model", "reward_critic", "cost_critic")
+"""Attribute names of every network the stage may hold (frozen ones: reference, reward and cost models)."""
+
 
 class PPOLagrangian(L.LightningModule):
     """Safe RLHF's PPO-Lagrangian; with ``FixedPenalty`` it is plain PPO or reward shaping.
+
+    With a critic-free ``advantage`` (``GroupNormalized``, ``LeaveOneOut``) it is GRPO- or RLOO-Lagrangian
+    with the same solvers; ``FixedPenalty(0)`` then gives plain GRPO or RLOO.
 
     Args:
         policy: The SFT export (hub name or dir): the actor and the frozen reference start from it.
@@ -83,11 +115,17 @@ class PPOLagrangian(L.LightningModule):
         actor_optimizer: AdamW and schedule of the actor (reference: lr 1e-5, cosine).
         critic_optimizer: AdamW and schedule of both critics (reference: lr 5e-6).
         generation: Sampling settings.
-        ppo: PPO, GAE and shaping settings.
+        ppo: PPO, KL and loss-aggregation settings.
+        advantage: The advantage estimator, run on the reward and the cost stream separately (default: ``GAE``,
+            a critic per stream; ``GroupNormalized`` or ``LeaveOneOut`` need no critic and at least 2
+            ``generation.num_return_sequences``).
         generator: The generation backend (default: Hugging Face ``generate``).
         dtype: Weights dtype of every network when loading (None: float32).
         gradient_checkpointing: Recompute activations of the trained networks in backward.
         export_dir: Where to write the aligned policy (Hugging Face dir) at the end of ``fit``.
+        lora: Train LoRA adapters instead of full weights (None: full fine-tuning). The frozen networks then
+            share the trained ones' bases: the reference is the actor with its adapters off, each frozen
+            score model its critic's backbone with the adapter off (``models/lora.py``).
     """
 
     def __init__(
@@ -102,17 +140,37 @@ class PPOLagrangian(L.LightningModule):
         critic_optimizer: OptimizerArgs = OptimizerArgs(lr=5e-6, weight_decay=0.0),
         generation: GenerationArgs = GenerationArgs(),
         ppo: PPOArgs = PPOArgs(),
+        advantage: AdvantageEstimator | None = None,
         generator: Generator | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
+        lora: LoraArgs | None = None,
     ) -> None:
         super().__init__()
+        dirs = {"policy": policy, "reward_model": reward_model, "cost_model": cost_model}
+        for key, path in {**dirs, "reward_critic": reward_critic, "cost_critic": cost_critic}.items():
+            if path is not None:
+                check_model_path(path, key)  # "model dir not found: PATH", before anything is loaded
+        shared_bases = (reward_critic or reward_model, cost_critic or cost_model) == (reward_model, cost_model)
+        if lora is not None and not shared_bases:
+            raise ConfigError(
+                "model.reward_critic / model.cost_critic", "with model.lora each critic is an adapter on its score "
+                "model's backbone; leave them unset (or equal to model.reward_model / model.cost_model)"
+            )
         if solver.uses_cost and cost_model is None:
-            raise ValueError(f"model.cost_model: {type(solver).__name__} needs a cost model dir")
+            raise ConfigError("model.cost_model", f"{type(solver).__name__} needs a cost model dir")
+        self.advantage = advantage or GAE()
+        if generation.num_return_sequences < self.advantage.min_group_size:
+            raise ConfigError(
+                "model.generation.num_return_sequences",
+                f"{type(self.advantage).__name__} compares the samples of each "
+                f"prompt and needs at least {self.advantage.min_group_size}, got {generation.num_return_sequences} "
+                "(with one sample every advantage would be 0)"
+            )
         self.automatic_optimization = False
         self.save_hyperparameters(
-            ignore=["solver", "generator", "actor_optimizer", "critic_optimizer", "generation", "ppo"]
+            ignore=["solver", "advantage", "generator", "actor_optimizer", "critic_optimizer", "generation", "ppo"]
         )
         self.paths = {"policy": policy, "reward": reward_model, "cost": cost_model}
         self.critic_paths = {"reward": reward_critic or reward_model, "cost": cost_critic or cost_model}
@@ -120,24 +178,50 @@ class PPOLagrangian(L.LightningModule):
         self.actor_args, self.critic_args = actor_optimizer, critic_optimizer
         self.generation, self.ppo = generation, ppo
         self.dtype_name, self.gradient_checkpointing, self.export_dir = dtype, gradient_checkpointing, export_dir
+        self.lora = lora
         self.tokenizer = load_tokenizer(ModelSource(path=policy))
         self.cost_window: deque[float] = deque(maxlen=ppo.cost_window)
         self.multiplier_history: list[float] = []
         self.actor: nn.Module | None = None
 
     def configure_model(self) -> None:
-        """Build the six networks here, so sharded strategies can place them as they are created."""
+        """Build the networks here (six with GAE, four without critics), so sharded strategies can place them."""
         if self.actor is not None:
             return
         self.actor = self.policy_network(self.paths["policy"], trained=True)
-        self.reference = self.policy_network(self.paths["policy"], trained=False)
-        self.reward_model = self.score_network(self.paths["reward"], trained=False)
-        self.reward_critic = self.score_network(self.critic_paths["reward"], trained=True)
-        self.cost_model = self.score_network(self.paths["cost"], trained=False) if self.paths["cost"] else None
-        self.cost_critic = (
-            self.score_network(self.critic_paths["cost"], trained=True) if self.solver.uses_cost else None
+        critics = self.critic_names()
+        self.reward_critic = (
+            self.score_network(self.critic_paths["reward"], trained=True) if "reward" in critics else None
         )
+        self.cost_critic = self.score_network(self.critic_paths["cost"], trained=True) if "cost" in critics else None
+        self.reference = self.frozen_network("policy", self.actor)
+        self.reward_model = self.frozen_network("reward", self.reward_critic)
+        self.cost_model = self.frozen_network("cost", self.cost_critic) if self.paths["cost"] else None
         self.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
+        rank_zero_info(self.network_summary())
+
+    def stream_names(self) -> tuple[str, ...]:
+        """The streams that get advantages: reward and cost, or one (``R`` or ``R - λ·C``) when the solver
+        uses no cost or shapes the reward."""
+        return ("reward", "cost") if self.solver.uses_cost and not self.solver.shapes_reward else ("reward",)
+
+    def critic_names(self) -> tuple[str, ...]:
+        """The critics this run builds and trains: one per stream with GAE, none with a critic-free estimator."""
+        return self.stream_names() if self.advantage.needs_critics else ()
+
+    def held_networks(self) -> dict[str, nn.Module]:
+        """Every network this run holds, by attribute name."""
+        return {name: getattr(self, name) for name in NETWORKS if getattr(self, name, None) is not None}
+
+    def network_summary(self) -> str:
+        """One start-up line: the networks held, their parameters (shared ones counted once) and how many train."""
+        held = sum(param.numel() for param in self.parameters())
+        trained = sum(param.numel() for param in self.parameters() if param.requires_grad)
+        names = list(self.held_networks())
+        return (
+            f"{type(self).__name__} holds {len(names)} networks ({', '.join(names)}) with "
+            f"{type(self.advantage).__name__}: {held:,} parameters, {trained:,} trained"
+        )
 
     def policy_network(self, path: str, trained: bool) -> nn.Module:
         """The actor (trained) or the reference (frozen), sharded when the strategy gives a device mesh."""
@@ -149,10 +233,18 @@ class PPOLagrangian(L.LightningModule):
         model = ScoreModel.from_source(self.source(path, trained), self.tokenizer)
         return shard(model if trained else frozen(model), self.device_mesh)
 
+    def frozen_network(self, name: str, trained: nn.Module | None) -> nn.Module | ReferencePolicy:
+        """The frozen ``name`` network: with LoRA, the ``trained`` one's base with its adapters off; else a copy."""
+        if self.lora is not None and trained is not None:
+            return shared_frozen(trained)
+        build = self.policy_network if name == "policy" else self.score_network
+        return build(self.paths[name], trained=False)
+
     def source(self, path: str, trained: bool) -> ModelSource:
-        """How to load one network (trained ones may use gradient checkpointing)."""
+        """How to load one network (trained ones may use gradient checkpointing and LoRA)."""
         checkpointing = trained and self.gradient_checkpointing
-        return ModelSource(path=path, dtype=self.dtype_name, gradient_checkpointing=checkpointing)
+        lora = self.lora if trained else None
+        return ModelSource(path=path, dtype=self.dtype_name, gradient_checkpointing=checkpointing, lora=lora)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """One prompt batch: roll out, step λ, then PPO epochs over minibatches."""
@@ -176,8 +268,9 @@ class PPOLagrangian(L.LightningModule):
                 **solver_stats,
                 **rollout_stats(rollout),
                 "rollout/episode_cost": episode_cost,
-                "time/generation_s": generated - started,
-                "time/train_s": time.perf_counter() - generated,
+                "time/generation_s": self.generation_seconds,
+                "time/scoring_s": generated - started - self.generation_seconds,
+                "time/update_s": time.perf_counter() - generated,
             },
             prog_bar=False,
             batch_size=len(rollout),
@@ -185,7 +278,8 @@ class PPOLagrangian(L.LightningModule):
 
     @torch.no_grad()
     def collect_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
-        """Sample responses and score them: log-probs, end scores, values, GAE advantages."""
+        """Sample responses and score them: log-probs, end scores, critic values, advantages."""
+        began = time.perf_counter()
         sequences = self.generator.generate(
             self.actor,
             prompt_ids,
@@ -194,6 +288,7 @@ class PPOLagrangian(L.LightningModule):
             self.tokenizer.eos_token_id,
             self.tokenizer.pad_token_id,
         )  # (N, P + A)
+        self.generation_seconds = time.perf_counter() - began  # logged apart from scoring
         start = prompt_ids.shape[1]
         mask = response_mask(sequences[:, start:], self.tokenizer.eos_token_id)  # (N, A)
         prompt_mask = prompt_mask.repeat_interleave(self.generation.num_return_sequences, dim=0)
@@ -206,14 +301,12 @@ class PPOLagrangian(L.LightningModule):
             if self.cost_model
             else end_rewards.new_zeros(len(sequences))
         )
-        reward_values = response_values(self.reward_critic, sequences, attention, start)
-        cost_values = (
-            response_values(self.cost_critic, sequences, attention, start)
-            if self.cost_critic
-            else torch.zeros_like(reward_values)
-        )
+        values = {
+            name: response_values(getattr(self, f"{name}_critic"), sequences, attention, start)
+            for name in self.critic_names()
+        }  # each (N, A)
         return self.estimate_advantages(
-            sequences, attention, mask, old_logprobs, ref_logprobs, end_rewards, end_costs, reward_values, cost_values
+            sequences, attention, mask, old_logprobs, ref_logprobs, end_rewards, end_costs, values
         )
 
     def estimate_advantages(
@@ -225,30 +318,52 @@ class PPOLagrangian(L.LightningModule):
         ref_logprobs: Tensor,
         end_rewards: Tensor,
         end_costs: Tensor,
-        reward_values: Tensor,
-        cost_values: Tensor,
+        values: dict[str, Tensor],
     ) -> Rollout:
-        """KL-shaped reward and cost streams, then GAE for each critic."""
-        shaping = {"kl_coeff": self.ppo.kl_coeff, "score_clip": self.ppo.score_clip}
-        rewards = kl_shaped_rewards(end_rewards, old_logprobs, ref_logprobs, mask, kl_sign=-1.0, **shaping)  # (N, A)
-        costs = kl_shaped_rewards(end_costs, old_logprobs, ref_logprobs, mask, kl_sign=1.0, **shaping)  # (N, A)
-        reward_advantages, reward_returns = gae(rewards, reward_values, mask, self.ppo.gamma, self.ppo.gae_lambda)
-        cost_advantages, cost_returns = gae(costs, cost_values, mask, self.ppo.gamma, self.ppo.gae_lambda)
+        """The per-token streams, each turned into advantages by the estimator on its own (never combined first).
+
+        A stream the run does not have (the cost under reward shaping or plain PPO) and a critic it does not
+        hold leave zeros in the rollout.
+        """
+        zeros = torch.zeros_like(old_logprobs)  # (N, A)
+        streams = self.score_streams(end_rewards, end_costs, old_logprobs, ref_logprobs, mask)
+        group_size = self.generation.num_return_sequences
+        advantages, returns = {}, {}
+        for name, stream in streams.items():
+            advantages[name], returns[name] = self.advantage.estimate(stream, mask, group_size, values.get(name))
         return Rollout(
             input_ids=sequences,
             attention_mask=attention,
             mask=mask,
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
-            reward_values=reward_values,
-            cost_values=cost_values,
+            reward_values=values.get("reward", zeros),
+            cost_values=values.get("cost", zeros),
             end_rewards=end_rewards,
             end_costs=end_costs,
-            reward_advantages=reward_advantages,
-            reward_returns=reward_returns,
-            cost_advantages=cost_advantages,
-            cost_returns=cost_returns,
+            reward_advantages=advantages["reward"],
+            reward_returns=returns["reward"] if returns["reward"] is not None else zeros,
+            cost_advantages=advantages.get("cost", zeros),
+            cost_returns=returns.get("cost") if returns.get("cost") is not None else zeros,
         )
+
+    def score_streams(
+        self, end_rewards: Tensor, end_costs: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor
+    ) -> dict[str, Tensor]:
+        """Per-token reward (and cost) streams: the end score at the last token, ``∓β·KL_t`` per token when the
+        KL is a reward penalty, clipped to ``±score_clip``.
+
+        Under reward shaping (``solver.shapes_reward``, safe-rlhf's ``PPORewardShapingTrainer``) the one stream
+        carries ``R - λ·C`` and the KL once.
+        """
+        kl_coeff = self.ppo.kl_coeff if self.ppo.kl_penalty == "reward" else 0.0
+        shaping = {"kl_coeff": kl_coeff, "score_clip": self.ppo.score_clip}
+        if self.solver.shapes_reward:
+            end_rewards = end_rewards - self.solver.multiplier * end_costs
+        streams = {"reward": kl_shaped_rewards(end_rewards, logprobs, ref_logprobs, mask, kl_sign=-1.0, **shaping)}
+        if "cost" in self.stream_names():
+            streams["cost"] = kl_shaped_rewards(end_costs, logprobs, ref_logprobs, mask, kl_sign=1.0, **shaping)
+        return streams  # each (N, A)
 
     def episode_cost(self, end_costs: Tensor) -> float:
         """Mean cost of this rank's last ``cost_window`` sequences, averaged over ranks."""
@@ -257,28 +372,15 @@ class PPOLagrangian(L.LightningModule):
         return float(self.trainer.strategy.reduce(local, reduce_op="mean"))
 
     def policy_update(self, minibatch: Rollout, ptx: dict[str, Tensor] | None) -> dict[str, Tensor]:
-        """One optimiser step on actor + critics (+ PTX) with one combined backward."""
+        """One optimiser step on the actor and its critics (+ PTX) with one combined backward."""
         optimizer = self.optimizers()
         assert isinstance(optimizer, LightningOptimizer)
         start = minibatch.input_ids.shape[1] - minibatch.mask.shape[1]
-        logprobs = response_logprobs(self.actor, minibatch.input_ids, minibatch.attention_mask, start)
-        multiplier = torch.tensor(self.solver.multiplier, device=logprobs.device)
-        actor_loss, stats = lagrangian_policy_loss(
-            logprobs,
-            minibatch.old_logprobs,
-            minibatch.reward_advantages,
-            minibatch.cost_advantages,
-            minibatch.mask,
-            multiplier,
-            clip_eps=self.ppo.clip_eps,
-            normalize=self.solver.normalize_advantage,
-        )
-        loss, stats = actor_loss, {"loss/actor": actor_loss.detach(), **stats}
-        for name, critic in (("reward", self.reward_critic), ("cost", self.cost_critic)):
-            if critic is not None:
-                critic_loss, critic_stats = self.critic_loss(name, critic, minibatch, start)
-                loss = loss + critic_loss
-                stats |= critic_stats
+        loss, stats = self.actor_loss(minibatch, start)
+        for name in self.critic_names():
+            critic_loss, critic_stats = self.critic_loss(name, getattr(self, f"{name}_critic"), minibatch, start)
+            loss = loss + critic_loss
+            stats |= critic_stats
         if ptx is not None:
             logits = self.actor(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
             ptx_loss, _ = lm_loss(logits, ptx["labels"])
@@ -291,6 +393,28 @@ class PPOLagrangian(L.LightningModule):
         optimizer.step()
         self.lr_schedulers().step()
         return stats
+
+    def actor_loss(self, minibatch: Rollout, start: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The clipped surrogate on ``(A_r - λ·A_c) / (1 + λ)``, plus ``β·k3`` when the KL is a loss term."""
+        logprobs = response_logprobs(self.actor, minibatch.input_ids, minibatch.attention_mask, start)
+        multiplier = torch.tensor(self.solver.multiplier, device=logprobs.device)
+        loss, stats = lagrangian_policy_loss(
+            logprobs,
+            minibatch.old_logprobs,
+            minibatch.reward_advantages,
+            minibatch.cost_advantages,
+            minibatch.mask,
+            multiplier,
+            clip_eps=self.ppo.clip_eps,
+            normalize=self.solver.normalize_advantage,
+            aggregation=self.ppo.loss_aggregation,
+        )
+        stats = {"loss/actor": loss.detach(), **stats}
+        if self.ppo.kl_penalty == "loss":
+            kl_loss, kl_stats = k3_kl_loss(logprobs, minibatch.ref_logprobs, minibatch.mask, self.ppo.loss_aggregation)
+            loss = loss + self.ppo.kl_coeff * kl_loss
+            stats |= kl_stats
+        return loss, stats
 
     def critic_loss(
         self, name: str, critic: nn.Module, minibatch: Rollout, start: int
@@ -321,12 +445,14 @@ class PPOLagrangian(L.LightningModule):
         checkpoint["solver"] = self.solver.state_dict()
         checkpoint["cost_window"] = list(self.cost_window)
         checkpoint["multiplier_history"] = list(self.multiplier_history)
+        drop_frozen(checkpoint, self)  # with LoRA, the trainable tensors only
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume with the same λ, solver state and cost window."""
         self.solver.load_state_dict(checkpoint["solver"])
         self.cost_window.extend(checkpoint["cost_window"])
         self.multiplier_history = list(checkpoint["multiplier_history"])
+        restore_frozen(checkpoint, self)  # with LoRA, the frozen bases come from their dirs
 
     def on_train_end(self) -> None:
         """Export the aligned policy and λ's history."""
@@ -341,19 +467,17 @@ class PPOLagrangian(L.LightningModule):
             out: The dir to write (replaced atomically if it exists).
             state_dict: The actor's gathered full state when it is sharded; None writes the live weights.
         """
-        out = export(self.actor, self.tokenizer, out, state_dict=state_dict)
         history = {"solver": type(self.solver).__name__, "multiplier": self.multiplier_history}
-        (out / "multiplier_history.json").write_text(json.dumps(history))
-        return out
+        extra = {"multiplier_history.json": json.dumps(history)}  # written before the dir is renamed into place
+        return export(self.actor, self.tokenizer, out, state_dict=state_dict, extra_files=extra)
 
     def configure_optimizers(self) -> dict:
-        """One AdamW: actor and critics in their own parameter groups, each with its schedule."""
+        """One AdamW: the actor and each critic in their own parameter groups, each with its schedule."""
         rollout_size = self.trainer.datamodule.batch_size * self.generation.num_return_sequences
         updates_per_rollout = self.ppo.epochs * -(-rollout_size // self.ppo.minibatch_size)
         total = int(self.trainer.estimated_stepping_batches) * updates_per_rollout
-        networks = [(self.actor, self.actor_args), (self.reward_critic, self.critic_args)]
-        if self.cost_critic is not None:
-            networks.append((self.cost_critic, self.critic_args))
+        networks = [(self.actor, self.actor_args)]
+        networks += [(getattr(self, f"{name}_critic"), self.critic_args) for name in self.critic_names()]
         optimizer, scheduler = build_optimizer(networks, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -365,15 +489,13 @@ def frozen(network: nn.Module) -> nn.Module:
     return network
 
 
-def position_ids(attention: Tensor) -> Tensor:
-    """Positions that skip left padding, as generation counts them, ``(N, L)``."""
-    return (attention.long().cumsum(-1) - 1).clamp_min(0)
-
-
 def response_logprobs(model: nn.Module, sequences: Tensor, attention: Tensor, start: int) -> Tensor:
-    """Log-probs of the response tokens ``sequences[:, start:]`` under ``model``, ``(N, A)``."""
-    logits = model(input_ids=sequences, attention_mask=attention, position_ids=position_ids(attention)).logits
-    return gather_logprobs(logits[:, start - 1 : -1], sequences[:, start:])
+    """Log-probs of the response tokens ``sequences[:, start:]`` under ``model``, ``(N, A)``.
+
+    From the last hidden states in chunks (:func:`lit_saferlhf.rollout.response_logprobs`): the
+    ``(N, L, V)`` logits never exist at once.
+    """
+    return chunked_response_logprobs(model, sequences, attention, start)
 
 
 def response_values(critic: nn.Module, sequences: Tensor, attention: Tensor, start: int) -> Tensor:
