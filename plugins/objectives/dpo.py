@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
+from lit_saferlhf.ama import AMA
 from lit_saferlhf.objectives import Label, Objective, PairBatch, dpo_loss, ipo_loss, kto_loss, ordered
 
 PairKind = Literal["helpfulness", "safety"]
@@ -30,18 +31,26 @@ class DPO(Objective):
         beta: β, the KL weight (DPO and SACPO step 1: 0.1; SACPO step 2: β/λ, e.g. 0.025).
         pairs: Which ordering of each row to learn: ``helpfulness`` (better_response_id) or
             ``safety`` (safer_response_id).
+        ama: ADPO (Equilibrate RLHF): sum only the tokens a score model finds decisive, those above
+            the baseline in the chosen response and below it in the rejected one (``lit_saferlhf.ama``).
     """
 
     requires: ClassVar[tuple[Label, ...]] = ("better",)
 
-    def __init__(self, beta: float = 0.1, pairs: PairKind = "helpfulness") -> None:
-        self.beta, self.pairs = beta, pairs
+    def __init__(self, beta: float = 0.1, pairs: PairKind = "helpfulness", ama: AMA | None = None) -> None:
+        self.beta, self.pairs, self.ama = beta, pairs, ama
         self.requires = (_label(pairs),)
 
     def __call__(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """DPO loss on the chosen ordering."""
         chosen, rejected = ordered(batch.logratios, getattr(batch, self.requires[0]))
         return dpo_loss(chosen, rejected, self.beta)
+
+    def token_weights(self, mask: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The response mask, or ADPO's masks when ``ama`` is set."""
+        if self.ama is None:
+            return Objective.token_weights(self, mask, batch)  # also IPO's (shared below)
+        return self.ama.token_weights(mask, batch, batch[self.requires[0]])
 
 
 class IPO(Objective):
@@ -50,18 +59,21 @@ class IPO(Objective):
     Args:
         tau: τ; the margin the policy is regressed to is ``1/(2τ)``.
         pairs: ``helpfulness`` or ``safety`` (as in ``DPO``).
+        ama: AMA's token masks (as in ``DPO``).
     """
 
     requires: ClassVar[tuple[Label, ...]] = ("better",)
 
-    def __init__(self, tau: float = 0.1, pairs: PairKind = "helpfulness") -> None:
-        self.tau, self.pairs = tau, pairs
+    def __init__(self, tau: float = 0.1, pairs: PairKind = "helpfulness", ama: AMA | None = None) -> None:
+        self.tau, self.pairs, self.ama = tau, pairs, ama
         self.requires = (_label(pairs),)
 
     def __call__(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """IPO loss on the chosen ordering."""
         chosen, rejected = ordered(batch.logratios, getattr(batch, self.requires[0]))
         return ipo_loss(chosen, rejected, self.tau)
+
+    token_weights = DPO.token_weights
 
 
 class KTO(Objective):
