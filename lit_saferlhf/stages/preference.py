@@ -148,7 +148,8 @@ class PreferenceOptimization(L.LightningModule):
             scores = {name: self.score(name, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
                       for name in self.scorers}  # fmt: skip
         labels = {name: batch[name] for name in ("better", "safer", "is_safe") if name in batch}
-        return PairBatch(logprobs.view(-1, 2), ref_logprobs.view(-1, 2), **labels, **scores)
+        pairs = {name: values.view(-1, 2) for name, values in scores.items()}
+        return PairBatch(logprobs.view(-1, 2), ref_logprobs.view(-1, 2), **labels, **pairs)
 
     def reference_logprobs(self, batch: dict[str, Tensor], weights: Tensor, cache: bool) -> Tensor:
         """The reference's summed log-probs ``(2B,)``, from the cache when every pair of the batch is in it."""

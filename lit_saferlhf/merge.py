@@ -1,0 +1,82 @@
+"""``lit-saferlhf merge``: a linear weight merge of Hugging Face causal-LM exports (P-SACPO).
+
+P-SACPO (Wachi et al., NeurIPS 2024; METHODS.md §5) replaces retraining SACPO's safety step for every
+λ by merging the helpfulness-aligned model θ_r with the safety-aligned one θ*:
+``θ_q = (1 − q)·θ_r + q·θ*``. This is mergekit's ``linear`` method, which the authors used (weights
+``(1 − q, q)``)::
+
+    lit-saferlhf merge --models outputs/tiny/offline/sacpo_helpful/model outputs/tiny/offline/sacpo_safe/model \\
+        --weights 0.25 0.75 --out outputs/tiny/offline/p_sacpo_0.75/model
+
+Every model must have the same architecture (tensor names and shapes). The tokenizer and config
+come from the first model; ``merge.json`` beside the weights records the inputs and the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_saferlhf.models.causal_lm import export
+
+
+def linear_merge(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """``Σ_k w_k θ_k`` tensor by tensor, computed in float32 and cast back to the first model's dtypes.
+
+    Args:
+        states: State dicts with the same tensor names and shapes.
+        weights: One weight per state dict (P-SACPO: ``(1 − q, q)``).
+
+    Raises:
+        ValueError: The counts differ, or a tensor is missing or has another shape in some model.
+    """
+    if len(states) != len(weights) or len(states) < 2:
+        raise ValueError(
+            f"merge: expected at least 2 models and one weight each, found {len(states)} and {len(weights)}"
+        )
+    first = states[0]
+    for number, state in enumerate(states[1:], start=2):
+        if state.keys() != first.keys():
+            different = sorted(state.keys() ^ first.keys())[:3]
+            raise ValueError(f"merge: model {number} has other tensors than model 1 (e.g. {different})")
+        for name, tensor in state.items():
+            if tensor.shape != first[name].shape:
+                shapes = f"{tuple(first[name].shape)} in model 1, {tuple(tensor.shape)} in model {number}"
+                raise ValueError(f"merge: tensor {name!r} has shape {shapes}")
+    return {
+        name: sum(w * state[name].float() for w, state in zip(weights, states, strict=True)).to(first[name].dtype)
+        for name in first
+    }
+
+
+def merge_command(argv: Sequence[str]) -> Path:
+    """Parse ``argv``, merge the models, and write the merged export."""
+    parser = argparse.ArgumentParser(prog="lit-saferlhf merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", required=True, help="Hugging Face causal-LM dirs (2 or more)")
+    parser.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per model")
+    parser.add_argument("--out", required=True, help="the merged model's dir (replaced if it exists)")
+    parser.add_argument(
+        "--no-normalize", action="store_true", help="use the weights as given instead of dividing them by their sum"
+    )
+    args = parser.parse_args(argv)
+    weights = args.weights if args.no_normalize else normalized(args.weights)
+    models = [AutoModelForCausalLM.from_pretrained(path) for path in args.models]
+    merged = linear_merge([model.state_dict() for model in models], weights)
+    models[0].load_state_dict(merged)
+    out = export(models[0], AutoTokenizer.from_pretrained(args.models[0]), args.out)
+    (out / "merge.json").write_text(json.dumps({"method": "linear", "models": args.models, "weights": weights}))
+    print(f"merged {len(models)} models with weights {weights} into {out}")
+    return out
+
+
+def normalized(weights: Sequence[float]) -> list[float]:
+    """The weights divided by their sum (mergekit's ``normalize: true``)."""
+    total = sum(weights)
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"merge --weights: expected non-negative weights with a positive sum, found {list(weights)}")
+    return [w / total for w in weights]
