@@ -19,9 +19,12 @@ it is the entry point.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
+from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, expected_error
 from lit_saferlhf.parsing import cli_main, configure_parsing
 
 __all__ = ["COMMANDS", "cli_main", "configure_parsing", "main"]
@@ -67,24 +70,73 @@ def select_command(argv: Sequence[str]) -> None:
     run(argv)
 
 
+def merge_command(argv: Sequence[str]) -> None:
+    """``lit-saferlhf merge``: a linear weight merge of policy exports (P-SACPO)."""
+    from lit_saferlhf.merge import merge_command as run
+
+    run(argv)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "pipeline": pipeline_command,
     "evaluate": evaluate_command,
     "export": export_command,
     "world": world_command,
     "select": select_command,
+    "merge": merge_command,
 }
 
 
+TRACEBACK_FLAG = "--traceback"
+"""Shows the traceback of an error in the input too (as ``LIT_SAFERLHF_TRACEBACK=1`` does)."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lit-saferlhf`` console script."""
+    """Entry point of the ``lit-saferlhf`` console script: one command inside the error boundary.
+
+    An error in the user's input (see ``lit_saferlhf.errors``) or a command-line parse error is printed as
+    one ``error: ...`` message on stderr, and the exit status is 2; anything else keeps its traceback.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = TRACEBACK_FLAG in args or os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0")
+    args = [arg for arg in args if arg != TRACEBACK_FLAG]
+    if argv is None:
+        sys.argv[1:] = args  # LightningCLI reads sys.argv itself (and warns when it is also given args)
+    try:
+        run_command(args, from_sys_argv=argv is None)
+    except Exception as error:
+        message = error_message(error)
+        if message is None:
+            raise
+        if show_traceback:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_STATUS) from None
+
+
+def run_command(args: list[str], from_sys_argv: bool = False) -> None:
+    """Run a project command (``COMMANDS``) or a LightningCLI subcommand (``fit``, ``validate``, ...).
+
+    Args:
+        args: The command line after ``lit-saferlhf``.
+        from_sys_argv: ``args`` are ``sys.argv[1:]``: LightningCLI then reads them there itself.
+    """
     if args and args[0] in COMMANDS:
         COMMANDS[args[0]](args[1:])
         return
     if args in ([], ["-h"], ["--help"]):
         print("Project commands: " + ", ".join(f"lit-saferlhf {name} --help" for name in COMMANDS) + "\n")
-    cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+    cli_main(None if from_sys_argv else args)
+
+
+def error_message(error: Exception) -> str | None:
+    """What the boundary prints for ``error``: our error's message, a parse error's, or None (a bug)."""
+    ours = expected_error(error)
+    if ours is not None:
+        return str(ours)
+    if isinstance(error, argparse.ArgumentError):
+        return f"{error.message}\n(`--help` after the command lists its options)"
+    return None
 
 
 if __name__ == "__main__":

@@ -19,15 +19,36 @@ from torch.distributed.fsdp import MixedPrecision
 import lit_saferlhf.data  # noqa: F401  (datamodules and adapters, so short names resolve)
 import lit_saferlhf.stages  # noqa: F401  (stage modules, so short names resolve)
 from lit_saferlhf.compatibility import StrategyCheck
-from lit_saferlhf.registry import load_solver_plugins
+from lit_saferlhf.errors import ConfigError, expected_error, locate
+from lit_saferlhf.registry import load_advantage_plugins, load_solver_plugins
 from lit_saferlhf.reliability import reliability_callbacks
+
+PARSER_KWARGS = {"exit_on_error": False, **{name: {"exit_on_error": False} for name in LightningCLI.subcommands()}}
+"""Parse errors are raised, not printed with the usage: ``lit-saferlhf``'s error boundary reports them."""
 
 
 def configure_parsing() -> None:
     """What commands that parse stage configs (``fit``, ``export``) need: plugin solvers, jsonargparse settings."""
     load_solver_plugins()
+    load_advantage_plugins()
+    import lit_saferlhf_plugins.objectives  # noqa: F401  (built-in offline objectives, so short names resolve)
+
     # MixedPrecision is a dataclass, which jsonargparse otherwise takes only as itself (fsdp.yaml names a subclass).
     set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[MixedPrecision])
+
+
+class ProjectCLI(LightningCLI):
+    """LightningCLI whose errors name the full config key of a setting out of its domain."""
+
+    def instantiate_classes(self) -> None:
+        """Instantiate the config's classes; a setting's error names its key, e.g. ``model.init_args.optimizer.lr``."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            ours = expected_error(error)
+            if isinstance(ours, ConfigError):
+                locate(ours, self.config[self.subcommand] if self.subcommand else self.config)
+            raise
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
@@ -38,13 +59,14 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> LightningCL
     callbacks = [StrategyCheck(), *reliability_callbacks()]
     if sys.stdout.isatty():
         callbacks.insert(0, RichProgressBar())
-    return LightningCLI(
+    return ProjectCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs=PARSER_KWARGS,
         trainer_defaults={"callbacks": callbacks},
         args=list(args) if args is not None else None,
         run=run,

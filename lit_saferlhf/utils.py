@@ -1,14 +1,21 @@
-"""Helpers with three or more call sites: optimiser parameter groups and learning-rate schedules."""
+"""Helpers with three or more call sites: optimiser parameter groups, learning-rate schedules, model paths."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
+
+from lit_saferlhf.errors import ModelDirError, require
+
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""A Hugging Face hub id (``gpt2``, ``org/name``); any other path must be a local dir."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,14 @@ class OptimizerArgs:
     """Shape of the decay after warm-up."""
     min_lr_ratio: float = 0.0
     """Floor of the decay as a share of ``lr``."""
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", "a learning rate > 0", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
+        require(all(0 <= beta < 1 for beta in self.betas), "betas", "two numbers in [0, 1)", self.betas)
+        require(self.eps > 0, "eps", "a number > 0", self.eps)
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "a fraction in [0, 1)", self.warmup_ratio)
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a fraction in [0, 1]", self.min_lr_ratio)
 
 
 # Stages built in Python (not by the CLI) keep these in their checkpoints' hyper-parameters.
@@ -75,3 +90,22 @@ def build_optimizer(
 def schedule_fn(total_steps: int, args: OptimizerArgs) -> Callable[[int], float]:
     """``lr_factor`` bound to one network's arguments (LambdaLR takes one callable per group)."""
     return lambda step: lr_factor(step, total_steps, args)
+
+
+def check_model_path(path: str, key: str) -> None:
+    """Refuse a model path that is neither an existing local dir nor a hub id.
+
+    Args:
+        path: A local dir or a hub id (``org/name``).
+        key: The setting that names it (``path``, ``policy``, ...), for the message.
+
+    Raises:
+        ModelDirError: ``model dir not found: PATH`` (a hub id that does not exist fails when it is loaded).
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return
+    if local.exists():
+        raise ModelDirError(key, path, "not a model dir (a file, expected a dir)")
+    if path.startswith((".", "/", "~")) or not HUB_NAME.fullmatch(path):
+        raise ModelDirError(key, path)

@@ -26,6 +26,7 @@ from lit_saferlhf.data.readers import read_rows
 from lit_saferlhf.data.records import (
     BadRecordError,
     Conversation,
+    Described,
     Message,
     PreferenceRecord,
     PromptRecord,
@@ -34,6 +35,7 @@ from lit_saferlhf.data.records import (
     SFTRecord,
     user_prompt,
 )
+from lit_saferlhf.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class Excluded(Exception):  # noqa: N818  (not an error: a row left out on purpo
         self.reason = reason
 
 
-class UnsupportedRecordKind(TypeError):
+class UnsupportedRecordKind(ConfigError, TypeError):
     """The adapter's schema has no records of the asked kind (a configuration error, not a data one)."""
 
 
@@ -95,8 +97,9 @@ class Adapter:
         """The error for a kind this schema does not have, naming the adapters that have it."""
         others = sorted(cls.__name__ for cls in _builtin_adapters() if kind in cls.kinds())
         return UnsupportedRecordKind(
+            "adapter",
             f"{type(self).__name__} has no {kind} records (it reads: {', '.join(self.kinds()) or 'nothing'}); "
-            f"for {kind} records use one of: {', '.join(others)}"
+            f"for {kind} records use one of: {', '.join(others)}",
         )
 
 
@@ -128,11 +131,26 @@ def required(row: dict[str, Any], name: str, source: str, expected: str) -> Any:
 
 
 def text_field(row: dict[str, Any], name: str, source: str) -> str:
-    """``row[name]`` as a non-empty, not only whitespace, string (returned unchanged)."""
+    """``row[name]`` as a non-empty, not only whitespace, string that UTF-8 can encode (returned unchanged)."""
     value = required(row, name, source, "a non-empty string")
     if not isinstance(value, str) or not value.strip():
         raise BadRecordError(source, name, "a non-empty string", value)
-    return value
+    return encodable(value, name, source)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str, name: str, source: str) -> str:
+    """``text`` unchanged, or a BadRecordError when it holds a lone surrogate (e.g. JSON's ``"\\ud800"``).
+
+    A tokenizer cannot encode such text (it fails deep inside with a TypeError that names no record).
+    """
+    match = _SURROGATE.search(text)
+    if match is None:
+        return text
+    found = Described(f"a lone surrogate \\u{ord(match.group()):04x} at character {match.start() + 1}")
+    raise BadRecordError(source, name, "text that UTF-8 can encode", found)
 
 
 def _other_columns(row: dict[str, Any], *used: str) -> dict[str, Any]:
@@ -313,6 +331,7 @@ class Alpaca(Adapter):
             extra = ""
         if not isinstance(extra, str):
             raise BadRecordError(source, "input", "a string (may be empty)", extra)
+        encodable(extra, "input", source)
         return user_prompt(f"{instruction}\n\n{extra}" if extra.strip() else instruction)
 
 
@@ -442,10 +461,10 @@ def load_records(
     return loaded
 
 
-def _no_records(loaded: LoadedRecords) -> ValueError:
+def _no_records(loaded: LoadedRecords) -> DataError:
     reasons = f": {loaded.reasons()}" if loaded.excluded else ""
     first = f"; first skipped: {loaded.skipped[0]}" if loaded.skipped else ""
-    return ValueError(
+    return DataError(
         f"{loaded.path}: no records of kind {loaded.kind!r} ({len(loaded.skipped)} skipped, "
         f"{sum(loaded.excluded.values())} excluded{reasons}){first}"
     )

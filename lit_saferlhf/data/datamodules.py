@@ -19,9 +19,17 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_saferlhf.data.adapters import Adapter, PKUSafeRLHF, PromptList, PromptResponse, load_records
 from lit_saferlhf.data.collate import Encoded, Encoder, collate_pairs, collate_prompts, collate_sft
-from lit_saferlhf.data.records import PreferenceRecord, PromptRecord, SafetyPreferenceRecord, SFTRecord
+from lit_saferlhf.data.records import (
+    BadRecordError,
+    Described,
+    PreferenceRecord,
+    PromptRecord,
+    SafetyPreferenceRecord,
+    SFTRecord,
+)
 from lit_saferlhf.data.sampling import ResumableLoader, ResumableSampler, global_seed
 from lit_saferlhf.data.templates import SafeRLHFTemplate, Template
+from lit_saferlhf.errors import DataError, require
 
 
 class RecordData(L.LightningDataModule, ABC):
@@ -61,8 +69,11 @@ class RecordData(L.LightningDataModule, ABC):
         split: str = "train",
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction: expected a number in [0, 1), found {val_fraction}")
+        require(0.0 <= val_fraction < 1.0, "val_fraction", "a fraction in [0, 1)", val_fraction)
+        require(max_length >= 1, "max_length", "an integer >= 1 (tokens per sequence)", max_length)
+        require(batch_size >= 1, "batch_size", "an integer >= 1", batch_size)
+        require(num_workers >= 0, "num_workers", "an integer >= 0", num_workers)
+        require(limit is None or limit >= 1, "limit", "None or an integer >= 1", limit)
         self.path, self.adapter, self.val_path, self.val_fraction = path, adapter, val_path, val_fraction
         self.template = template or SafeRLHFTemplate()
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
@@ -81,7 +92,11 @@ class RecordData(L.LightningDataModule, ABC):
         val = self.read(self.val_path) if self.val_path else []
         if not self.val_path and self.val_fraction > 0:
             train, val = split_by_prompt(train, self.val_fraction)
+            expected = f"a fraction that leaves training data (it held out all {len(val)} records of {self.path})"
+            require(bool(train), "data.init_args.val_fraction", expected, self.val_fraction)
         self.train_set, self.val_set = self.encode_all(train, "train"), self.encode_all(val, "validation")
+        if not self.train_set:
+            raise DataError(f"{self.path}: no training samples left: every record was dropped as bad (see above)")
 
     def read(self, path: str, adapter: Adapter | None = None, kind: str | None = None) -> list[Any]:
         """Records of ``kind`` (default ``self.kind``) from ``path``, reporting what was skipped or excluded."""
@@ -91,12 +106,30 @@ class RecordData(L.LightningDataModule, ABC):
         return loaded.records
 
     def encode_all(self, records: Sequence[Any], name: str) -> list[Any]:
-        """Encode every record and report how many were truncated to ``max_length``."""
-        items = [self.encode(record) for record in records]
+        """Encode every record; report how many were truncated to ``max_length`` and how many it made unusable.
+
+        A record that truncation leaves unusable (see ``truncation_problem``) is a bad record: an error, or
+        with ``on_bad_record: skip`` counted and dropped.
+        """
+        items, dropped = [], 0
+        for record in records:
+            item = self.encode(record)
+            problem = self.truncation_problem(record, item)
+            if problem is not None and self.on_bad_record == "error":
+                raise problem
+            items += [item] if problem is None else []
+            dropped += problem is not None
         truncated = sum(self.count_truncated(item) for item in items)
-        if items:
-            rank_zero_info(f"{name}: {len(items)} samples, {truncated} truncated to max_length={self.max_length}")
+        if items or dropped:
+            rank_zero_info(
+                f"{name}: {len(items)} samples, {truncated} truncated to max_length={self.max_length}"
+                + (f", {dropped} dropped: truncation left them unusable" if dropped else "")
+            )
         return items
+
+    def truncation_problem(self, record: Any, item: Any) -> BadRecordError | None:
+        """Why truncation to ``max_length`` leaves ``item`` useless for training, or None (every sample is usable)."""
+        return None
 
     @abstractmethod
     def encode(self, record: Any) -> Any:
@@ -161,6 +194,10 @@ class SFTData(RecordData):
         """Prompt + response + EOS."""
         return self.encoder.encode(record.prompt, record.response)
 
+    def truncation_problem(self, record: SFTRecord, item: Encoded) -> BadRecordError | None:
+        """A prompt that fills ``max_length`` leaves no response token to learn (a loss of 0)."""
+        return no_response_left(record.source, item, self.max_length)
+
     def collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``labels`` (prompt masked out)."""
         return collate_sft(batch, self.pad_id)
@@ -181,6 +218,13 @@ class RewardData(RecordData):
     def count_truncated(self, item: tuple[Encoded, Encoded]) -> int:
         """A pair counts once if either side was cut."""
         return int(item[0].truncated or item[1].truncated)
+
+    def truncation_problem(self, record: Any, item: tuple[Encoded, ...]) -> BadRecordError | None:
+        """Two sides cut to the same tokens teach nothing (and their loss is log 2 whatever the model)."""
+        if item[0].input_ids != item[1].input_ids:
+            return None
+        expected = f"two responses that still differ within max_length={self.max_length} tokens"
+        return BadRecordError(record.source, "(pair)", expected, Described("the same tokens after truncation"))
 
     def collate(self, batch: Sequence[tuple[Encoded, Encoded]]) -> dict[str, torch.Tensor]:
         """``better_*`` and ``worse_*`` ids and masks, padded to one width."""
@@ -243,6 +287,10 @@ class PromptData(RecordData):
             ptx_encoder = Encoder(self.encoder.tokenizer, self.template, self.ptx_max_length)
             records = self.read(self.ptx_path, self.ptx_adapter, "sft")
             demonstrations = [ptx_encoder.encode(record.prompt, record.response) for record in records]
+            for record, item in zip(records, demonstrations, strict=True):
+                problem = no_response_left(record.source, item, self.ptx_max_length)
+                if problem is not None:
+                    raise problem
             self.train_set = [(item, demonstrations[i % len(demonstrations)]) for i, item in enumerate(self.train_set)]
 
     def encode(self, record: PromptRecord) -> Encoded:
@@ -258,6 +306,14 @@ class PromptData(RecordData):
             ptx = collate_sft([item[1] for item in batch], self.pad_id)
             out |= {f"ptx_{key}": value for key, value in ptx.items()}
         return out
+
+
+def no_response_left(source: str, item: Encoded, max_length: int) -> BadRecordError | None:
+    """A demonstration whose prompt fills ``max_length``: no response token is left to learn from."""
+    if item.prompt_length < len(item.input_ids):
+        return None
+    expected = f"a prompt shorter than max_length={max_length} tokens, leaving room for the response"
+    return BadRecordError(source, "prompt", expected, Described(f"a prompt of {item.prompt_length}+ tokens"))
 
 
 def split_by_prompt(records: Sequence[Any], fraction: float) -> tuple[list[Any], list[Any]]:

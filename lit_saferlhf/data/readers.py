@@ -32,7 +32,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from lit_saferlhf.data.records import BadRecordError
+from lit_saferlhf.data.records import BadRecordError, Described
+from lit_saferlhf.errors import DataError, HubError, InputNotFoundError, MissingExtraError
 
 Row = dict[str, Any]
 RowOrError = tuple[str, Row | BadRecordError]
@@ -67,10 +68,10 @@ def read_rows(path: str, *, split: str = "train") -> Iterator[RowOrError]:
     if reader is not None and local.is_file():
         return reader(path)
     if reader is None and (local.exists() or local.suffix):
-        raise ValueError(f"{path}: not a supported data file; supported: {_supported()}, or a hub dataset name")
+        raise DataError(f"{path}: not a supported data file; supported: {_supported()}, or a hub dataset name")
     if reader is None and _HUB_NAME.fullmatch(path):
         return _read_hub(path, split)
-    raise FileNotFoundError(f"{path}: no such file (relative paths start at {os.getcwd()})")
+    raise InputNotFoundError(f"{path}: no such file (relative paths start at {os.getcwd()})")
 
 
 def _reader_for(path: str) -> Callable[[str], Iterator[RowOrError]] | None:
@@ -116,23 +117,52 @@ def read_jsonl(path: str) -> Iterator[RowOrError]:
                 yield location, bad
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_KeyedObject)
             except json.JSONDecodeError as err:
                 yield location, BadRecordError(location, "(line)", "valid JSON", f"{err.msg} at column {err.colno}")
                 continue
-            yield location, row if isinstance(row, dict) else _not_an_object(location, row)
+            yield location, _checked(location, row)
+
+
+class _KeyedObject(dict):
+    """A decoded JSON object that remembers the keys it had more than once (``json`` keeps the last value)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        seen: set[str] = set()
+        self.duplicates = [key for key, _ in pairs if key in seen or seen.add(key)]
+
+
+def _checked(location: str, row: object) -> Row | BadRecordError:
+    """``row`` as a plain dict, or the BadRecordError of a row that is not an object or repeats a key."""
+    if not isinstance(row, dict):
+        return _not_an_object(location, row)
+    repeated = _repeated_key(row)
+    if repeated is not None:
+        return BadRecordError(location, repeated, "each key once in an object", Described("it twice"))
+    return row
+
+
+def _repeated_key(value: object) -> str | None:
+    """The first key that some object in ``value`` had twice, or None."""
+    if isinstance(value, _KeyedObject) and value.duplicates:
+        return value.duplicates[0]
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((key for child in children if (key := _repeated_key(child)) is not None), None)
 
 
 def read_json(path: str) -> Iterator[RowOrError]:
     """A JSON list of objects, or an object whose single value is that list (``{"data": [...]}``)."""
     data = _load_json_file(path)
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        if data.duplicates:
+            raise BadRecordError(path, data.duplicates[0], "each key once in an object", Described("it twice"))
         data = next(iter(data.values()))
     if not isinstance(data, list):
         raise BadRecordError(path, "(file)", "a JSON list of objects", type(data).__name__)
     for number, row in enumerate(data, start=1):
         location = f"{path}:item {number}"
-        yield location, row if isinstance(row, dict) else _not_an_object(location, row)
+        yield location, _checked(location, row)
 
 
 def _load_json_file(path: str) -> Any:
@@ -144,7 +174,7 @@ def _load_json_file(path: str) -> Any:
         if bad is not None:
             raise bad
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_KeyedObject)
     except json.JSONDecodeError as err:
         hint = " (for one JSON object per line, name the file .jsonl)" if err.msg == "Extra data" else ""
         location = f"{path}:line {err.lineno}"
@@ -155,16 +185,17 @@ def read_csv(path: str) -> Iterator[RowOrError]:
     """Comma-separated values with a header row; every value is a string. Blank lines are skipped.
 
     A row with more or fewer cells than the header is a bad row (an empty cell must still be written).
+    The file is parsed strictly: a quote that is never closed (or text right after a closing quote)
+    raises, naming the line where its row starts, instead of swallowing the rest of the file.
     """
     with _open_text(path) as handle:
-        reader = csv.reader(handle)
-        header = next(reader, [])
+        rows = _csv_rows(csv.reader(handle, strict=True), path)
+        header = next(rows, (1, []))[1]
         bad_header = _invalid_utf8(f"{path}:line 1 (header)", ",".join(header))
         if bad_header is not None:
             raise bad_header
-        number, start = 0, reader.line_num + 1
-        for values in reader:
-            line, start = start, reader.line_num + 1
+        number = 0
+        for line, values in rows:
             if not values:
                 continue
             number += 1
@@ -173,6 +204,22 @@ def read_csv(path: str) -> Iterator[RowOrError]:
                 yield location, BadRecordError(location, "(row)", f"{len(header)} cells as in the header", values)
             else:
                 yield location, _invalid_utf8(location, ",".join(values)) or dict(zip(header, values, strict=True))
+
+
+def _csv_rows(reader: Any, path: str) -> Iterator[tuple[int, list[str]]]:
+    """``(first line, cells)`` of each CSV row; a malformed row raises a BadRecordError at its first line."""
+    start = 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            expected = 'CSV with every quote closed (a quote inside a quoted cell is written "")'
+            found = Described(f"{err} (read up to line {reader.line_num})")
+            raise BadRecordError(f"{path}:line {start}", "(row)", expected, found) from None
+        yield start, values
+        start = reader.line_num + 1
 
 
 def read_parquet(path: str) -> Iterator[RowOrError]:
@@ -212,14 +259,14 @@ def _read_hub(name: str, split: str) -> Iterator[RowOrError]:
     try:
         import datasets
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtraError(
             f"{name!r} is not a local file, so it was read as a hub dataset name, which needs the "
             "`datasets` package: pip install 'lit-saferlhf[hub]'"
         ) from err
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as err:
-        raise RuntimeError(
+        raise HubError(
             f"{name!r} is not a local file and could not be loaded from the Hugging Face hub "
             f"(split {split!r}): {type(err).__name__}: {err}. This machine may be offline; a local "
             f"file path works too ({_supported()})."

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lit_saferlhf.errors import DataError
+
 Role = Literal["system", "user", "assistant"]
 
 
-class BadRecordError(ValueError):
+class BadRecordError(DataError):
     """A record that does not fit its schema.
 
     The message always names the location (file and line or row), the field, what was expected
@@ -25,6 +27,13 @@ class BadRecordError(ValueError):
         shown = repr(found)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
         super().__init__(f"{source}: field {field!r}: expected {expected}, found {shown}")
+
+
+class Described(str):
+    """A ``found`` value that is a description, shown without quotes (``found a prompt of 60 tokens``)."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 @dataclass(frozen=True)

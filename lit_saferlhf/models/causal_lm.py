@@ -22,8 +22,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.models.lora import LoraArgs, apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, partitioning
+from lit_saferlhf.utils import check_model_path
 
 SAFETY_WORLD_TOKENIZER = "safety-world"
 """Tokenizer name that selects the embedded safety world's word-level tokenizer."""
@@ -53,11 +55,14 @@ class ModelSource:
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.config is None):
-            raise ValueError("model: set exactly one of `path` (hub name or dir) and `config` (random weights)")
+            raise ConfigError("model", "set exactly one of `path` (hub name or dir) and `config` (random weights)")
         if self.config is not None and "model_type" not in self.config:
-            raise ValueError("model.config: needs a `model_type` key, e.g. {model_type: llama, hidden_size: 64, ...}")
+            raise ConfigError("model.config", "needs a `model_type` key, e.g. {model_type: llama, hidden_size: 64}")
         if self.path is None and self.tokenizer is None:
-            raise ValueError("model.tokenizer: a model built from `config` needs a tokenizer name or dir")
+            raise ConfigError("model.tokenizer", "a model built from `config` needs a tokenizer name or dir")
+        for key in ("path", "tokenizer"):
+            if getattr(self, key) not in (None, SAFETY_WORLD_TOKENIZER):
+                check_model_path(getattr(self, key), key)
         if self.lora is not None and self.lora.quantize is not None and self.path is None:
             raise ValueError("model.lora.quantize: QLoRA quantizes pretrained weights; set `path`, not `config`")
 

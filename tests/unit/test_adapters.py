@@ -395,7 +395,7 @@ def test_unsupported_kind_names_what_to_use_instead(shared_data: Path) -> None:
     with pytest.raises(UnsupportedRecordKind) as excinfo:
         load_records(str(shared_data / "pku_saferlhf" / "sample32.json"), PKUSafeRLHF(), "sft")
     assert str(excinfo.value) == (
-        "PKUSafeRLHF has no sft records (it reads: preference, safety_preference, prompt); "
+        "adapter: PKUSafeRLHF has no sft records (it reads: preference, safety_preference, prompt); "
         "for sft records use one of: Alpaca, HHRLHF, PromptResponse"
     )
     assert isinstance(excinfo.value, TypeError)

@@ -1,0 +1,177 @@
+"""The project's own errors: bad input the user can fix, reported by the CLI as one line and exit status 2.
+
+Everything the user controls (data files, settings, model dirs, disk space) fails with a subclass
+of :class:`LitSafeRLHFError` whose message says where (file and line or record, or the config
+key), what was expected and what was found. ``lit-saferlhf`` prints that message alone (no
+traceback) and exits with status 2; ``--traceback`` or ``LIT_SAFERLHF_TRACEBACK=1`` shows the
+traceback too. Any other exception is a bug and keeps its traceback.
+
+:func:`expected_error` finds our error inside the exceptions that wrap it (jsonargparse's "Does not
+validate against any of the Union subtypes", Lightning's hooks) and turns a full disk
+(``ENOSPC``) into :class:`DiskFullError`.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jsonargparse import Namespace
+
+EXIT_STATUS = 2
+"""The exit status of ``lit-saferlhf`` for an error of the user's input (argparse's status for usage errors)."""
+TRACEBACK_VARIABLE = "LIT_SAFERLHF_TRACEBACK"
+"""Set to ``1`` to see the traceback of our errors too."""
+NOT_GIVEN = object()
+"""``ConfigError``'s ``found`` when the message is a sentence of its own."""
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
+"""What ``torch.save`` says (a RuntimeError without an errno) when a write comes up short, e.g. on a full disk."""
+
+
+class LitSafeRLHFError(Exception):
+    """An error in the user's input; its message names the place, what was expected and what was found."""
+
+
+class ConfigError(LitSafeRLHFError, ValueError):
+    """A setting out of its domain, or settings that do not go together.
+
+    Args:
+        key: The config key, e.g. ``lr`` or ``data.init_args.val_fraction``. A setting that does not
+            know where it sits in the config names its own field; the CLI then replaces the key by the
+            full key path that holds ``found`` (see :func:`locate`).
+        expected: What the setting must be, e.g. ``a number > 0``.
+        found: The value found; left out, ``expected`` is the whole message after the key.
+    """
+
+    def __init__(self, key: str, expected: str, found: Any = NOT_GIVEN) -> None:
+        super().__init__(key, expected, found)
+        self.key, self.expected, self.found = key, expected, found
+
+    def __str__(self) -> str:
+        if self.found is NOT_GIVEN:
+            return f"{self.key}: {self.expected}"
+        return f"{self.key}: expected {self.expected}, found {_shown(self.found)}"
+
+
+class DataError(LitSafeRLHFError, ValueError):
+    """Input data that cannot be used as a whole (no training data left, an unreadable file)."""
+
+
+class InputNotFoundError(LitSafeRLHFError, FileNotFoundError):
+    """A data file, model dir or checkpoint that is not there (the message names the path)."""
+
+
+class ModelDirError(ConfigError, FileNotFoundError):
+    """A model dir that is not there (or not of the kind its role needs).
+
+    Args:
+        key: The config key that names the dir, e.g. ``policy`` (located like :class:`ConfigError`'s).
+        path: The path given.
+        problem: What is wrong with it.
+    """
+
+    def __init__(self, key: str, path: str, problem: str = "model dir not found") -> None:
+        super().__init__(key, "a model dir or a hub name", path)
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.problem}: {self.found}"
+
+
+class HubError(DataError, RuntimeError):
+    """A hub dataset or model that could not be loaded (offline, a typo in the name)."""
+
+
+class MissingExtraError(LitSafeRLHFError, ImportError):
+    """An optional dependency the input needs is not installed (the message says which extra to install)."""
+
+
+class DiskFullError(LitSafeRLHFError, OSError):
+    """The disk filled up while writing ``path``."""
+
+    def __init__(self, path: str | Path | None, detail: str = "") -> None:
+        where = str(path) if path is not None else "(a file whose name the system did not report)"
+        super().__init__(f"disk full while writing {where}" + (f" ({detail})" if detail else ""))
+        self.path = path
+
+
+def require(condition: bool, key: str, expected: str, found: Any) -> None:
+    """Raise ``ConfigError(key, expected, found)`` unless ``condition`` holds (a setting's domain check)."""
+    if not condition:
+        raise ConfigError(key, expected, found)
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from or during, depth first, each once."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [linked for linked in (current.__context__, current.__cause__) if linked is not None]
+
+
+def expected_error(error: BaseException) -> LitSafeRLHFError | None:
+    """Our error in ``error``'s chain (a full disk becomes a :class:`DiskFullError`), or None for a bug."""
+    for linked in chain(error):
+        if isinstance(linked, LitSafeRLHFError):
+            return linked
+        if isinstance(linked, OSError) and linked.errno == errno.ENOSPC:
+            return DiskFullError(linked.filename, linked.strerror or "")
+    return None
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Report a full disk while writing ``path`` as :class:`DiskFullError` naming ``path``.
+
+    ``torch.save`` reports a short write as a RuntimeError (``unexpected pos ...``) without an
+    errno; that too counts as a full disk here, with torch's words kept in the message.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(path, error.strerror or "") from error
+    except RuntimeError as error:
+        if not any(failure in str(error) for failure in _TORCH_WRITE_FAILURES):
+            raise
+        raise DiskFullError(path, str(error).strip().splitlines()[-1]) from error
+
+
+def locate(error: ConfigError, config: Namespace) -> None:
+    """Replace a setting's own field name in ``error.key`` by the full config key that holds ``error.found``.
+
+    Args:
+        error: Raised by a setting that knows its field (``lr``) but not where it sits in the config.
+        config: The parsed config of the command (a subcommand's, for ``fit``).
+    """
+    if error.found is NOT_GIVEN:
+        return
+    matches = [key for key, value in config.items() if _ends_with(key, error.key) and _same(value, error.found)]
+    if matches:
+        error.key = " or ".join(matches)
+
+
+def _ends_with(key: str, suffix: str) -> bool:
+    return key == suffix or key.endswith("." + suffix)
+
+
+def _same(value: Any, found: Any) -> bool:
+    """Equal, with lists and tuples alike but ``True`` and ``1`` apart."""
+    if isinstance(value, list | tuple) and isinstance(found, list | tuple):
+        value, found = tuple(value), tuple(found)
+    return isinstance(value, bool) == isinstance(found, bool) and value == found
