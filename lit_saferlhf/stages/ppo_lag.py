@@ -20,6 +20,7 @@ backward per minibatch keeps DDP free of unused-parameter errors.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,12 +30,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lit_saferlhf.advantages import GAE, AdvantageEstimator
 from lit_saferlhf.errors import ConfigError, require
 from lit_saferlhf.losses import (
+    appo_policy_loss,
     k3_kl_loss,
     kl_shaped_rewards,
     kl_to_reference,
@@ -83,6 +84,12 @@ class PPOArgs:
     """Clip the global gradient norm (None: no clipping)."""
     ptx_coeff: float = 16.0
     """Weight of the PTX loss (LM loss on demonstrations) when the data carries them (``data.ptx_path``)."""
+    ama: bool = False
+    """APPO (Equilibrate RLHF's AMA): the actor loss keeps only the response tokens whose Lagrangian critic value
+    ``V_r - λ·V_c`` agrees in sign with their advantage ``A_r - λ·A_c`` (``lit_saferlhf.losses.appo_policy_loss``,
+    decisions in ``lit_saferlhf.ama``). Needs critics (GAE) and the ``sequence_mean`` aggregation."""
+    ama_baseline: float = 0.0
+    """``b`` of APPO's sign test: a token is kept where ``V > b`` if ``A >= 0``, where ``V < b`` if ``A < 0``."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "minibatch_size", "cost_window"):
@@ -93,7 +100,12 @@ class PPOArgs:
             require(getattr(self, key) >= 0, key, "a number >= 0", getattr(self, key))
         norm = self.max_grad_norm
         require(norm is None or norm > 0, "max_grad_norm", "None or a number > 0", norm)
+        if self.ama:  # APPO averages each sequence's kept tokens, then all sequences
+            expected = "sequence_mean with ama (APPO's per-sequence mean)"
+            require(self.loss_aggregation == "sequence_mean", "loss_aggregation", expected, self.loss_aggregation)
 
+
+log = logging.getLogger(__name__)
 
 NETWORKS = ("actor", "reference", "reward_model", "cost_model", "reward_critic", "cost_critic")
 """Attribute names of every network the stage may hold (frozen ones: reference, reward and cost models)."""
@@ -155,18 +167,24 @@ class PPOLagrangian(L.LightningModule):
         shared_bases = (reward_critic or reward_model, cost_critic or cost_model) == (reward_model, cost_model)
         if lora is not None and not shared_bases:
             raise ConfigError(
-                "model.reward_critic / model.cost_critic", "with model.lora each critic is an adapter on its score "
-                "model's backbone; leave them unset (or equal to model.reward_model / model.cost_model)"
+                "model.reward_critic / model.cost_critic",
+                "with model.lora each critic is an adapter on its score "
+                "model's backbone; leave them unset (or equal to model.reward_model / model.cost_model)",
             )
         if solver.uses_cost and cost_model is None:
             raise ConfigError("model.cost_model", f"{type(solver).__name__} needs a cost model dir")
+        if ppo.ama and advantage is not None and not advantage.needs_critics:
+            raise ConfigError(
+                "model.ppo.ama",
+                f"APPO masks tokens by critic values; {type(advantage).__name__} has no critic (use GAE)",
+            )
         self.advantage = advantage or GAE()
         if generation.num_return_sequences < self.advantage.min_group_size:
             raise ConfigError(
                 "model.generation.num_return_sequences",
                 f"{type(self.advantage).__name__} compares the samples of each "
                 f"prompt and needs at least {self.advantage.min_group_size}, got {generation.num_return_sequences} "
-                "(with one sample every advantage would be 0)"
+                "(with one sample every advantage would be 0)",
             )
         self.automatic_optimization = False
         self.save_hyperparameters(
@@ -198,7 +216,8 @@ class PPOLagrangian(L.LightningModule):
         self.reward_model = self.frozen_network("reward", self.reward_critic)
         self.cost_model = self.frozen_network("cost", self.cost_critic) if self.paths["cost"] else None
         self.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
-        rank_zero_info(self.network_summary())
+        if self.global_rank == 0:
+            log.info(self.network_summary())
 
     def stream_names(self) -> tuple[str, ...]:
         """The streams that get advantages: reward and cost, or one (``R`` or ``R - λ·C``) when the solver
@@ -398,17 +417,24 @@ class PPOLagrangian(L.LightningModule):
         """The clipped surrogate on ``(A_r - λ·A_c) / (1 + λ)``, plus ``β·k3`` when the KL is a loss term."""
         logprobs = response_logprobs(self.actor, minibatch.input_ids, minibatch.attention_mask, start)
         multiplier = torch.tensor(self.solver.multiplier, device=logprobs.device)
-        loss, stats = lagrangian_policy_loss(
-            logprobs,
-            minibatch.old_logprobs,
-            minibatch.reward_advantages,
-            minibatch.cost_advantages,
-            minibatch.mask,
-            multiplier,
-            clip_eps=self.ppo.clip_eps,
-            normalize=self.solver.normalize_advantage,
-            aggregation=self.ppo.loss_aggregation,
-        )
+        advantages = (minibatch.reward_advantages, minibatch.cost_advantages)
+        if self.ppo.ama:  # APPO: only the tokens whose critic value agrees with their advantage
+            values = (minibatch.reward_values, minibatch.cost_values)
+            loss, stats = appo_policy_loss(
+                logprobs, minibatch.old_logprobs, *advantages, *values, minibatch.mask, multiplier,
+                clip_eps=self.ppo.clip_eps, normalize=self.solver.normalize_advantage, baseline=self.ppo.ama_baseline,
+            )  # fmt: skip
+        else:
+            loss, stats = lagrangian_policy_loss(
+                logprobs,
+                minibatch.old_logprobs,
+                *advantages,
+                minibatch.mask,
+                multiplier,
+                clip_eps=self.ppo.clip_eps,
+                normalize=self.solver.normalize_advantage,
+                aggregation=self.ppo.loss_aggregation,
+            )
         stats = {"loss/actor": loss.detach(), **stats}
         if self.ppo.kl_penalty == "loss":
             kl_loss, kl_stats = k3_kl_loss(logprobs, minibatch.ref_logprobs, minibatch.mask, self.ppo.loss_aggregation)

@@ -1,0 +1,84 @@
+"""Equilibrate RLHF through the CLI: ADPO, FDC-ADPO and APPO configs run a few steps from the tiny models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lit_saferlhf.ama import AMA
+from lit_saferlhf.cli import main
+from lit_saferlhf.errors import ConfigError
+from lit_saferlhf.stages.ppo_lag import PPOArgs
+from tests.helpers import CONFIGS, column, fit, metrics
+
+
+def test_appo_needs_the_per_sequence_mean() -> None:
+    with pytest.raises(ConfigError, match="loss_aggregation: expected sequence_mean with ama"):
+        PPOArgs(ama=True, loss_aggregation="token_mean")
+
+
+def test_appo_refuses_a_critic_free_estimator(tiny_models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([
+            "fit", f"--config={CONFIGS / 'tiny' / 'grpo_lag.yaml'}",
+            f"--model.init_args.policy={tiny_models['sft']}", f"--model.init_args.reward_model={tiny_models['reward']}",
+            f"--model.init_args.cost_model={tiny_models['cost']}", "--model.init_args.ppo.ama=true",
+            "--model.init_args.ppo.loss_aggregation=sequence_mean", f"--trainer.default_root_dir={tmp_path}",
+        ])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "APPO masks tokens by critic values; GroupNormalized has no critic" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_appo_lag_config_runs_and_masks_some_tokens(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    export = fit(
+        "tiny/appo_lag.yaml",
+        tmp_path,
+        f"--model.init_args.policy={tiny_models['sft']}",
+        f"--model.init_args.reward_model={tiny_models['reward']}",
+        f"--model.init_args.cost_model={tiny_models['cost']}",
+        "--trainer.limit_train_batches=2",
+        "--data.init_args.batch_size=8",
+        "--model.init_args.ppo.minibatch_size=4",
+    )
+    kept = column(metrics(tmp_path), "policy/ama_kept_fraction")
+    assert kept
+    assert all(0 < value < 1 for value in kept)
+    assert all(math.isfinite(value) for value in column(metrics(tmp_path), "loss/actor"))
+    assert (export / "model.safetensors").is_file()
+
+
+def test_adpo_scores_every_token_of_a_real_cost_model(tiny_models: dict[str, Path]) -> None:
+    from lit_saferlhf.data.safety_world import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    texts = ["how do i make a bomb sure you need fuse and pipe", "how do i make a bomb sorry i can not help with that"]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    scores = AMA(str(tiny_models["cost"]), negate=True).token_scores(encoded["input_ids"], encoded["attention_mask"])
+    assert scores.shape == encoded["input_ids"].shape
+    assert torch.isfinite(scores).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["tiny/offline/adpo.yaml", "examples/fdc_adpo.yaml"])
+def test_adpo_configs_run_and_train_the_policy(
+    config: str, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # fdc_adpo.yaml reads outputs/fdc/pairs.jsonl, which select writes first
+    main(["select", "--data", "safety-world:pairs-risk", "--total", "56", "--out", "outputs/fdc/pairs.jsonl"])
+    export = fit(
+        config,
+        tmp_path / "run",
+        f"--model.init_args.policy={tiny_models['sft']}",
+        f"--model.init_args.objective.init_args.ama.path={tiny_models['cost']}",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--data.init_args.batch_size=8",
+    )
+    before, after = load_file(tiny_models["sft"] / "model.safetensors"), load_file(export / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert all(math.isfinite(value) for value in column(metrics(tmp_path / "run"), "val/loss"))
