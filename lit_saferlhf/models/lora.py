@@ -198,8 +198,10 @@ def base_name(key: str) -> str | None:
 class ReferencePolicy:
     """The frozen reference policy as the actor with its adapters off: no second copy of the weights.
 
-    A plain object, not a module: the actor's weights stay registered once, under the actor. The
-    actor runs in eval mode for the call (no dropout), as a separate frozen reference would.
+    A plain object, not a module: the actor's weights stay registered once, under the actor. It runs
+    the actor (or its decoder, for chunked log-probs) with every adapter off and in eval mode (no
+    dropout), as a separate frozen reference would; other attributes (``config``, the output layer)
+    are the actor's.
     """
 
     def __init__(self, actor: nn.Module) -> None:
@@ -207,8 +209,22 @@ class ReferencePolicy:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The actor's forward with every adapter off, in eval mode."""
+        return self.without_adapters(self.actor, *args, **kwargs)
+
+    def get_decoder(self) -> Any:
+        """The actor's decoder, called with every adapter off."""
+        decoder = self.actor.get_decoder()
+        return lambda *args, **kwargs: self.without_adapters(decoder, *args, **kwargs)
+
+    def without_adapters(self, network: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``network(*args, **kwargs)`` with the actor's adapters off, in eval mode."""
         with adapters_off(self.actor), eval_mode(self.actor):
-            return self.actor(*args, **kwargs)
+            return network(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "actor":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.actor, name)
 
     def eval(self) -> ReferencePolicy:
         """Always evaluated in eval mode (see ``__call__``)."""
@@ -231,7 +247,9 @@ class FrozenScoreTwin(nn.Module):
         super().__init__()
         self.__dict__["critic"] = critic  # not a submodule: held and saved under the critic only
         head = {name: full_tensor(param) for name, param in critic.score_head.named_parameters()}
-        self.score_head = type(critic.score_head)(head["weight"].shape[1], 1, dtype=head["weight"].dtype)
+        self.score_head = type(critic.score_head)(
+            head["weight"].shape[1], 1, bias="bias" in head, dtype=head["weight"].dtype
+        )
         load_head(self.score_head, head)
         self.score_head.requires_grad_(False)
         self.normalizer = copy.deepcopy(critic.normalizer)

@@ -28,6 +28,7 @@ from lit_saferlhf.models.lora import (
     shared_frozen,
 )
 from lit_saferlhf.models.score_model import ScoreModel
+from lit_saferlhf.rollout import response_logprobs
 
 TINY = {
     "model_type": "llama",
@@ -51,7 +52,6 @@ def base_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     policy = export(build_causal_lm(source, load_tokenizer(source)), tokenizer, root / "policy")
     score = ScoreModel.from_source(source, load_tokenizer(source))
     nn.init.normal_(score.score_head.weight, std=0.5)
-    nn.init.normal_(score.score_head.bias, std=0.5)
     return {"policy": policy, "score": score.save_pretrained(root / "score", tokenizer)}
 
 
@@ -98,7 +98,7 @@ def test_only_adapters_train_and_the_score_head_always_does(base_dirs: dict[str,
     assert all(".lora_A." in name or ".lora_B." in name for name in trained)
     critic = score_model(base_dirs["score"])
     trained = {name for name, param in critic.named_parameters() if param.requires_grad}
-    assert {"score_head.weight", "score_head.bias"} <= trained
+    assert "score_head.weight" in trained
     assert all(".lora_" in name for name in trained - {"score_head.weight", "score_head.bias"})
     held, train = parameter_counts(actor)
     assert 0 < train < held / 5
@@ -117,6 +117,9 @@ def test_reference_is_the_actor_with_adapters_off_and_gives_the_sft_log_probs_ex
     with torch.no_grad():
         assert torch.equal(logprobs(reference, ids, mask), logprobs(sft, ids, mask))
         assert not torch.allclose(logprobs(actor, ids, mask), logprobs(sft, ids, mask), atol=1e-3)  # adapters on
+        chunked = response_logprobs(reference, ids, mask, start=4)  # the stage's path: decoder + output layer
+        assert torch.equal(chunked, response_logprobs(sft, ids, mask, start=4))
+        assert not torch.allclose(response_logprobs(actor, ids, mask, start=4), chunked, atol=1e-3)
     assert actor.training  # the reference call left the actor's mode alone
     assert all(p.requires_grad for n, p in actor.named_parameters() if ".lora_" in n)  # and its trainable flags
 

@@ -1,0 +1,150 @@
+"""LoRA in every stage through the CLI: adapters train, exports merge, checkpoints are small and resume exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.helpers import CONFIGS, column, fit, metrics
+
+LORA = f"--config={CONFIGS / 'peft/lora.yaml'}"
+LORA_PPO = f"--config={CONFIGS / 'peft/lora_ppo.yaml'}"
+
+
+def sft_lora(tiny_models: dict[str, Path], out: Path, *overrides: str) -> Path:
+    """LoRA SFT from the tiny SFT export (a pretrained base), 3 short epochs."""
+    config = yaml.safe_load((CONFIGS / "tiny/sft.yaml").read_text())
+    config["model"]["init_args"]["model"] = {"path": str(tiny_models["sft"])}  # a pretrained base, not a config
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sft.yaml").write_text(yaml.safe_dump(config))
+    return fit(
+        str(out / "sft.yaml"),
+        out,
+        LORA,
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.max_epochs=3",
+        *overrides,
+    )
+
+
+def only_checkpoint(stage_dir: Path) -> Path:
+    (checkpoint,) = (stage_dir / "logs").glob("version_0/checkpoints/*.ckpt")
+    return checkpoint
+
+
+def test_lora_sft_trains_adapters_only_and_exports_a_merged_model(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    export = sft_lora(tiny_models, tmp_path)
+    base, merged = load_file(tiny_models["sft"] / "model.safetensors"), load_file(export / "model.safetensors")
+    assert merged.keys() == base.keys()  # a plain Hugging Face dir: no adapter or base_layer names
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed  # adapters were on and merged in
+    assert all(name.endswith("_proj.weight") for name in changed), changed  # only adapted layers moved
+    checkpoint = torch.load(only_checkpoint(tmp_path), weights_only=True)
+    assert checkpoint["state_dict"]
+    assert all(".lora_A." in key or ".lora_B." in key for key in checkpoint["state_dict"])
+    assert any(value.abs().sum() > 0 for key, value in checkpoint["state_dict"].items() if ".lora_B." in key)
+    (optimizer,) = checkpoint["optimizer_states"]
+    assert len(optimizer["state"]) == len(checkpoint["state_dict"])  # Adam moments of the adapters only
+
+
+def test_lora_sft_resumes_exactly(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    # A constant lr: a cosine schedule would depend on max_epochs, which the first half sets lower.
+    flat = ["--model.init_args.optimizer.schedule=constant", "--model.init_args.optimizer.warmup_ratio=0.0"]
+    straight = sft_lora(tiny_models, tmp_path / "straight", *flat)
+    sft_lora(tiny_models, tmp_path / "first", *flat, "--trainer.max_epochs=2")
+    resumed = sft_lora(tiny_models, tmp_path / "first", *flat, f"--ckpt_path={only_checkpoint(tmp_path / 'first')}")
+    expected, found = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in expected:
+        assert torch.equal(found[name], expected[name]), name
+
+
+@pytest.mark.parametrize("stage", ["reward", "cost"])
+def test_lora_score_models_train_head_and_adapters(stage: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    export = fit(
+        f"tiny/{stage}.yaml",
+        tmp_path,
+        LORA,
+        f"--model.init_args.model.path={tiny_models['sft']}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=1",
+    )
+    head = load_file(export / "score_head.safetensors")
+    assert head["weight"].abs().sum() > 0
+    checkpoint = torch.load(only_checkpoint(tmp_path), weights_only=True)
+    trained = {key for key in checkpoint["state_dict"] if not key.startswith("model.normalizer.")}
+    assert {"model.score_head.weight", "model.score_head.bias"} <= trained
+    assert all(".lora_" in key for key in trained - {"model.score_head.weight", "model.score_head.bias"})
+    backbone = load_file(export / "model.safetensors")
+    assert not any("lora" in key or "base_layer" in key for key in backbone)
+    assert column(metrics(tmp_path), "train_epoch/accuracy")
+
+
+def ppo_lora(tiny_models: dict[str, Path], out: Path, *overrides: str, rollouts: int = 3) -> Path:
+    """A few LoRA PPO-Lagrangian rollouts (8 prompts each) from the session's tiny models."""
+    return fit(
+        "tiny/ppo_lag.yaml",
+        out,
+        LORA_PPO,
+        f"--model.init_args.policy={tiny_models['sft']}",
+        f"--model.init_args.reward_model={tiny_models['reward']}",
+        f"--model.init_args.cost_model={tiny_models['cost']}",
+        f"--trainer.limit_train_batches={rollouts}",
+        "--data.init_args.batch_size=8",
+        "--model.init_args.ppo.minibatch_size=4",
+        *overrides,
+    )
+
+
+@pytest.mark.parametrize(("cost_limit", "direction"), [(-100.0, 1), (100.0, -1)])
+def test_lora_ppo_lag_moves_the_multiplier_as_full_fine_tuning_does(
+    cost_limit: float, direction: int, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    export = ppo_lora(
+        tiny_models,
+        tmp_path,
+        f"--model.init_args.solver.init_args.cost_limit={cost_limit}",
+        "--model.init_args.solver.init_args.linear=true",
+    )
+    history = json.loads((export / "multiplier_history.json").read_text())["multiplier"]
+    assert len(history) == 3
+    steps = [later - earlier for earlier, later in zip([1.0, *history[:-1]], history, strict=True)]
+    assert all(step * direction > 0 or value in (0.0, 5.0) for step, value in zip(steps, history, strict=True)), history
+    assert history[-1] != 1.0
+    rows = metrics(tmp_path)
+    for name in ("rollout/kl", "loss/actor", "loss/reward_critic", "loss/cost_critic"):
+        assert all(torch.isfinite(torch.tensor(column(rows, name)))), name
+    assert column(rows, "rollout/kl")[0] == pytest.approx(0.0, abs=1e-6)  # B = 0 at start: actor == reference
+    base, merged = load_file(tiny_models["sft"] / "model.safetensors"), load_file(export / "model.safetensors")
+    assert merged.keys() == base.keys()
+    assert any(not torch.equal(base[name], merged[name]) for name in base)
+
+
+def test_lora_ppo_checkpoint_holds_the_trainable_tensors_and_resumes(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    common = ["--model.init_args.solver.init_args.cost_limit=-100.0"]
+    straight = ppo_lora(tiny_models, tmp_path / "straight", *common, "--trainer.max_epochs=2", rollouts=2)
+    ppo_lora(tiny_models, tmp_path / "first", *common, rollouts=2)
+    checkpoint_path = only_checkpoint(tmp_path / "first")
+    state = torch.load(checkpoint_path, weights_only=True)["state_dict"]
+    heads = {f"{critic}.score_head.{p}" for critic in ("reward_critic", "cost_critic") for p in ("weight", "bias")}
+    trained = {key for key in state if ".normalizer." not in key}
+    assert heads <= trained
+    assert all(".lora_" in key for key in trained - heads), trained - heads
+    assert not any(key.startswith(("reference.", "reward_model.score_head", "cost_model.score_head")) for key in state)
+    resumed = ppo_lora(
+        tiny_models, tmp_path / "first", *common, "--trainer.max_epochs=2", f"--ckpt_path={checkpoint_path}", rollouts=2
+    )
+    history = json.loads((resumed / "multiplier_history.json").read_text())["multiplier"]
+    expected = json.loads((straight / "multiplier_history.json").read_text())["multiplier"]
+    torch.testing.assert_close(torch.tensor(history), torch.tensor(expected))
+    expected_weights, found = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in expected_weights:
+        torch.testing.assert_close(found[name], expected_weights[name], msg=name)
