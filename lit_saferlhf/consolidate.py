@@ -32,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from torch import Tensor
 
+from lit_saferlhf.errors import DataError, InputNotFoundError
 from lit_saferlhf.models.lora import restore_frozen
 from lit_saferlhf.parsing import configure_parsing  # (importing it imports the stages and datamodules)
 
@@ -69,10 +70,10 @@ def require_checkpoint(path: Path) -> CheckpointKind:
         ValueError: ``path`` is not a checkpoint.
     """
     if not path.exists():
-        raise FileNotFoundError(f"--ckpt_path {path}: no such file or folder")
+        raise InputNotFoundError(f"--ckpt_path {path}: no such file or folder")
     kind = checkpoint_kind(path)
     if kind is None:
-        raise ValueError(
+        raise DataError(
             f"--ckpt_path {path}: not a checkpoint. Expected a .ckpt file, a distributed checkpoint folder "
             f"(with {_METADATA_FILENAME}) or a DeepSpeed checkpoint folder (with {DEEPSPEED_LATEST!r})"
         )
@@ -99,9 +100,9 @@ def load_file_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
-        raise ValueError(f"--ckpt_path {path}: not a checkpoint that torch.load reads safely ({error})") from error
+        raise DataError(f"--ckpt_path {path}: not a checkpoint that torch.load reads safely ({error})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"--ckpt_path {path}: not a Lightning checkpoint (it has no 'state_dict')")
+        raise DataError(f"--ckpt_path {path}: not a Lightning checkpoint (it has no 'state_dict')")
     return checkpoint
 
 
@@ -172,11 +173,11 @@ def check_stage(module: L.LightningModule, checkpoint: dict[str, Any], path: Pat
     built = type(module).__name__
     saved = str(checkpoint.get("hyper_parameters", {}).get("_class_path", built)).rsplit(".", 1)[-1]
     if saved != built:
-        raise ValueError(f"--ckpt_path {path} is a {saved} checkpoint, but the configs build a {built}")
+        raise DataError(f"--ckpt_path {path} is a {saved} checkpoint, but the configs build a {built}")
     expected, found = module.state_dict().keys(), checkpoint["state_dict"].keys()
     missing, unexpected = [k for k in expected if k not in found], [k for k in found if k not in expected]
     if missing or unexpected:
-        raise ValueError(
+        raise DataError(
             f"--ckpt_path {path} does not hold the weights of the {built} the configs build "
             f"(another stage or another model?): {len(missing)} missing, e.g. {missing[:3]}; "
             f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}"

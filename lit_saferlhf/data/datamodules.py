@@ -277,6 +277,7 @@ class PromptData(RecordData):
         **kwargs: Any,
     ) -> None:
         super().__init__(path, adapter or PromptList(), **kwargs)
+        require(ptx_max_length >= 1, "ptx_max_length", "an integer >= 1 (tokens per demonstration)", ptx_max_length)
         self.ptx_path, self.ptx_adapter, self.ptx_max_length = ptx_path, ptx_adapter or PromptResponse(), ptx_max_length
 
     def setup(self, stage: str) -> None:

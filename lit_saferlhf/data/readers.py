@@ -28,7 +28,9 @@ import importlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -86,10 +88,16 @@ def _supported() -> str:
     return ", ".join(READERS) + f", {SAFETY_WORLD_PREFIX}<split>"
 
 
-def _open_text(path: str) -> IO[str]:
+@contextmanager
+def _open_text(path: str) -> Iterator[IO[str]]:
+    """The file as text; a ``.gz`` file that is not gzip, or is cut short, raises a DataError naming it."""
     # surrogateescape keeps invalid bytes as lone surrogates, so one bad line does not end the file.
     opener = gzip.open if path.lower().endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        try:
+            yield handle
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise DataError(f"{path}: not a readable gzip file ({err})") from None
 
 
 def _invalid_utf8(location: str, text: str) -> BadRecordError | None:
@@ -224,10 +232,15 @@ def _csv_rows(reader: Any, path: str) -> Iterator[tuple[int, list[str]]]:
 
 def read_parquet(path: str) -> Iterator[RowOrError]:
     """An Apache Parquet table, read in batches; values keep their Parquet types."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    for batch in table.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             number += 1
             yield f"{path}:row {number}", row
