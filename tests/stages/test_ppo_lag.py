@@ -172,6 +172,26 @@ def test_critic_free_multiplier_rises_above_the_limit_and_falls_below(
         assert all(torch.isfinite(torch.tensor(values))), name
 
 
+@pytest.mark.parametrize(
+    "estimator_args",
+    [
+        ["--model.advantage=LeaveOneOut"],
+        [
+            "--model.init_args.advantage=lit_saferlhf_plugins.advantages.GroupNormalized",
+            "--model.advantage.std=population",
+        ],
+    ],
+)
+def test_estimator_swaps_from_the_command_line(
+    estimator_args: list[str], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    group = "--model.init_args.generation.num_return_sequences=2"
+    ppo(tiny_models, tmp_path, *estimator_args, group, "--data.init_args.batch_size=4", rollouts=1)
+    config = (tmp_path / "logs" / "version_0" / "config.yaml").read_text()
+    assert "class_path: lit_saferlhf_plugins.advantages." in config
+    assert "loss/reward_critic" not in metrics(tmp_path)[0]
+
+
 def test_critic_free_run_holds_four_networks_and_saves_no_critic(
     tiny_models: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
