@@ -361,7 +361,7 @@ class LocalCopy:
 
     Built once from the actor's config (plain transformers class, same dtype and device); ``refresh``
     gathers the actor's parameters one at a time (every rank takes part, in the same order) and copies
-    them in place, so the copy keeps its addresses between rollouts (a compiled step stays valid).
+    them and the buffers in place, so the copy keeps its addresses between rollouts (a compiled step stays valid).
     """
 
     def __init__(self, model: Any) -> None:
@@ -369,8 +369,9 @@ class LocalCopy:
 
         first = next(model.parameters())
         device = first.device if not hasattr(first, "ds_id") else torch.device("cuda", torch.cuda.current_device())
-        self.network = AutoModelForCausalLM.from_config(model.config, dtype=first.dtype).to(device)
-        self.network.requires_grad_(False)
+        with torch.device("meta"):  # no memory and no random init (which would move the sampling seed)
+            network = AutoModelForCausalLM.from_config(model.config, dtype=first.dtype)
+        self.network = network.to_empty(device=device).requires_grad_(False)
 
     def refresh(self, model: Any) -> Any:
         """Copy ``model``'s full weights into the local network; returns it, in ``model``'s train/eval mode."""
@@ -387,6 +388,9 @@ class LocalCopy:
                     local[name].copy_(param.data)
             else:
                 local[name].copy_(param)
+        local_buffers = dict(self.network.named_buffers())
+        for name, buffer in model.named_buffers():  # buffers (rotary frequencies) are never sharded
+            local_buffers[name].copy_(buffer)
         self.network.train(model.training)
         return self.network
 
