@@ -360,7 +360,7 @@ def solve_can_dual(
     margin: Tensor | float = 0.0,
     max_multiplier: float = 100.0,
     steps: int = 500,
-    tolerance: float = 1e-10,
+    tolerance: float = 1e-8,
 ) -> tuple[Tensor, dict[str, float]]:
     """λ* = argmin_{0 ≤ λ ≤ λ_max} D̂(λ) by projected gradient descent with backtracking, in float64.
 

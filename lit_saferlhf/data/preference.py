@@ -187,7 +187,8 @@ class PreferenceData(RecordData):
 
     def missing(self, path: str, label: str) -> str:
         """The start-up error for a label no row of ``path`` has."""
-        objective = type(getattr(self.trainer.lightning_module, "objective", None)).__name__
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        objective = type(getattr(module, "objective", None)).__name__
         kind = "preference" if label == "better" else "safety_preference"
         found = self.loaded.get(kind)
         reason = found if isinstance(found, str) else (found.summary() if found else "")
