@@ -100,6 +100,11 @@ class PPOArgs:
             require(getattr(self, key) >= 0, key, "a number >= 0", getattr(self, key))
         norm = self.max_grad_norm
         require(norm is None or norm > 0, "max_grad_norm", "None or a number > 0", norm)
+        require(self.kl_penalty in ("reward", "loss"), "kl_penalty", "'reward' or 'loss'", self.kl_penalty)
+        aggregations = ("sequence_mean", "token_mean")
+        require(
+            self.loss_aggregation in aggregations, "loss_aggregation", " or ".join(aggregations), self.loss_aggregation
+        )
         if self.ama:  # APPO averages each sequence's kept tokens, then all sequences
             expected = "sequence_mean with ama (APPO's per-sequence mean)"
             require(self.loss_aggregation == "sequence_mean", "loss_aggregation", expected, self.loss_aggregation)
@@ -472,6 +477,15 @@ class PPOLagrangian(L.LightningModule):
         checkpoint["cost_window"] = list(self.cost_window)
         checkpoint["multiplier_history"] = list(self.multiplier_history)
         drop_frozen(checkpoint, self)  # with LoRA, the trainable tensors only
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's own cost window (``reliability.RankStates`` saves it for every rank, not rank 0's only)."""
+        return {"cost_window": list(self.cost_window)}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume with this rank's cost window."""
+        self.cost_window.clear()
+        self.cost_window.extend(state["cost_window"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume with the same λ, solver state and cost window."""

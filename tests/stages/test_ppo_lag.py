@@ -321,3 +321,9 @@ def test_critic_free_estimators_need_several_samples_per_prompt(
 ) -> None:
     with pytest.raises(ValueError, match="num_return_sequences.*at least 2, got 1"):
         stage(tiny_models, DualAscent(), advantage=estimator, generation=GenerationArgs(num_return_sequences=1))
+
+
+@pytest.mark.parametrize(("field", "value"), [("kl_penalty", "both"), ("loss_aggregation", "sum")])
+def test_unknown_kl_or_aggregation_option_is_refused(field: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{field}: expected"):
+        PPOArgs(**{field: value})  # type: ignore[arg-type]
