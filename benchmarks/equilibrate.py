@@ -20,6 +20,7 @@ ground truth scores each answer. The table gives the mean over seeds (± the spr
 several seeds) and states the two claims of the issue as holding or not::
 
     OMP_NUM_THREADS=1 python benchmarks/equilibrate.py --seeds 0 1 2 --out benchmarks/results/equilibrate.md
+    # each seed's numbers are kept in <work>/seed<N>/results.json; --reuse takes them instead of re-running the seed
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def metrics(generations: list[dict[str, Any]]) -> dict[str, float]:
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]:
     """Train every policy of one seed, evaluate them and the SFT policy; metrics and seconds by policy."""
     root, models = Path(args.work) / f"seed{seed}", Path(args.models)
+    if args.reuse and (root / "results.json").is_file():
+        return json.loads((root / "results.json").read_text())
     data = write_sets(root / "data", seed, args.unit, args.helpful)
     seconds, policies = {}, {"SFT": str(models / "sft" / "model")}
     for name, (_, _, adpo) in DPO_RUNS.items():
@@ -179,6 +182,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]
     results = {}
     for name in policies:
         results[name] = metrics([g for g in generations if g["policy"] == name]) | {"seconds": seconds.get(name, 0.0)}
+    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -285,6 +289,7 @@ def main() -> None:
     parser.add_argument("--unit", type=int, default=280, help="safety pairs in 1x (FDC quotas: 10:3:1 of it)")
     parser.add_argument("--helpful", type=int, default=560, help="helpfulness pairs in every DPO run")
     parser.add_argument("--rollouts", type=int, default=32, help="PPO rollouts (the tiny configs' 32)")
+    parser.add_argument("--reuse", action="store_true", help="take a seed's results.json from --work when there")
     parser.add_argument("--out", help="also write the markdown here")
     args = parser.parse_args()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
