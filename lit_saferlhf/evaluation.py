@@ -42,7 +42,8 @@ from lit_saferlhf.data.readers import READERS, SAFETY_WORLD_PREFIX
 from lit_saferlhf.data.records import Conversation, PromptRecord, user_prompt
 from lit_saferlhf.data.templates import SafeRLHFTemplate
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
-from lit_saferlhf.models.score_model import HEAD_FILE, ScoreModel
+from lit_saferlhf.models.layouts import require_policy, require_score_model
+from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.rollout import GenerationArgs, HFGenerate, response_mask
 
 # ----------------------------------------------------------------------------------------------
@@ -248,14 +249,10 @@ def release_memory() -> None:
 
 
 def check_score_model_dir(path: str, role: str) -> None:
-    """Raise a clear error unless ``path`` is a saved score model (it has ``score_head.safetensors``)."""
+    """Raise a clear error unless ``path`` is a score model in a layout ``layouts`` reads."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{role}: no such directory {path}")
-    if not (Path(path) / HEAD_FILE).is_file():
-        raise ValueError(
-            f"{role}: {path} is not a score model (no {HEAD_FILE}); name the `model` dir that the "
-            "reward or cost stage exported"
-        )
+    require_score_model(path, role)
 
 
 def score_texts(
@@ -285,7 +282,7 @@ def score_texts(
     check_score_model_dir(score_model_dir, "score model")
     source = ModelSource(path=score_model_dir)
     tokenizer = load_tokenizer(source)
-    model = ScoreModel.from_source(source, tokenizer).to(device()).eval()
+    model = ScoreModel.from_source(source, tokenizer, role="score model").to(device()).eval()
     encoder = Encoder(tokenizer, SafeRLHFTemplate(), max_length)
     conversations = [user_prompt(p) if isinstance(p, str) else p for p in prompts]
     rows = [encoder.encode(c, r).input_ids for c, r in zip(conversations, responses, strict=True)]
@@ -407,6 +404,7 @@ def check_inputs(policies: dict[str, str], reward_model: str, cost_model: str, a
     for name, path in policies.items():
         if not Path(path).is_dir():
             raise FileNotFoundError(f"policy {name!r}: no such directory {path}")
+        require_policy(path, f"policy {name!r}")
     check_score_model_dir(reward_model, "reward_model")
     check_score_model_dir(cost_model, "cost_model")
     if arena_names is not None and (len(arena_names) != 2 or not set(arena_names) <= set(policies)):

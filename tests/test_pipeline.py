@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def test_every_artefact_exists_and_parses(finished: Path) -> None:
         record = json.loads((finished / stage / "stage.json").read_text())
         assert record["name"] == stage
         assert record["seconds"] > 0
-    assert (finished / "reward" / "model" / "score_head.safetensors").is_file()
+    assert (finished / "reward" / "model" / "score_model.json").is_file()
     history = json.loads((finished / "ppo_lag" / "model" / "multiplier_history.json").read_text())
     assert len(history["multiplier"]) == 2
 
@@ -97,6 +98,33 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(finished: Path, t
     assert record["resumed"] is True
     history = json.loads((stage / "model" / "multiplier_history.json").read_text())["multiplier"]
     assert len(history) == 4  # 2 rollouts restored from the checkpoint + 2 new ones
+
+
+def test_a_stage_recorded_as_finished_without_its_export_writes_it_from_the_last_checkpoint(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What a kill between the end of training and the export used to leave behind, with stage.json from a rerun.
+    stage = finished / "ppo_lag"
+    history = json.loads((stage / "model" / "multiplier_history.json").read_text())
+    shutil.rmtree(stage / "model")
+    config = yaml.safe_load(write_pipeline(tmp_path / "pipeline.yaml", finished, ppo_epochs=2).read_text())
+    config.pop("evaluation")
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    main(["pipeline", "--config", str(tmp_path / "pipeline.yaml")])
+    assert capsys.readouterr().out.count("finished before, skipped") == 3
+    assert (stage / "model" / "config.json").is_file()
+    assert json.loads((stage / "model" / "multiplier_history.json").read_text()) == history  # no step trained again
+
+
+def test_a_stage_that_writes_no_export_is_not_recorded_as_finished(tmp_path: Path) -> None:
+    config = yaml.safe_load(write_pipeline(tmp_path / "pipeline.yaml", tmp_path / "out").read_text())
+    config["stages"] = config["stages"][:1]
+    config["stages"][0]["overrides"] |= {"model.init_args.export_dir": None, "trainer.max_steps": 1}
+    config.pop("evaluation")
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(RuntimeError, match=r"stage 'sft': .* ended without writing .*sft/model"):
+        main(["pipeline", "--config", str(tmp_path / "pipeline.yaml")])
+    assert not (tmp_path / "out" / "sft" / "stage.json").exists()
 
 
 def test_a_stage_whose_inputs_are_missing_is_refused(tmp_path: Path) -> None:

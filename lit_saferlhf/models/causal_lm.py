@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from lit_saferlhf.errors import ConfigError
+from lit_saferlhf.models.layouts import require_policy
 from lit_saferlhf.models.lora import LoraArgs, apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, partitioning
 from lit_saferlhf.utils import check_model_path
@@ -105,7 +106,12 @@ def build_causal_lm(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> 
 
     The embeddings are resized when the tokenizer grew (an added padding token). Under DeepSpeed
     ZeRO-3 the pretrained weights are copied into the partitioned network (see ``zero3``).
+
+    Raises:
+        ValueError: ``source.path`` is a score model (see ``layouts``), which has no language-model head.
     """
+    if source.path is not None:
+        require_policy(source.path)
     config = load_config(source, tokenizer)
     if partitioning():
         model = build_partitioned(AutoModelForCausalLM, config, source.path, source.trust_remote_code)
@@ -153,13 +159,15 @@ def export(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model`` and ``tokenizer`` as a Hugging Face dir (safetensors), atomically.
 
     The dir is written beside its destination and renamed into place, so an interrupted export
     never leaves a half-written dir that looks valid. ``state_dict`` replaces the model's own
     tensors (the gathered full state of a sharded model). A LoRA model is written with its adapters
-    merged, or as its adapter alone (``LoraArgs.export``).
+    merged, or as its adapter alone (``LoraArgs.export``). ``extra_files`` (file name -> text, e.g.
+    ``multiplier_history.json``) are written into the dir before it is renamed into place too.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +175,8 @@ def export(
     network, state_dict = export_view(model, state_dict)
     network.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
+    for name, text in (extra_files or {}).items():
+        (staging / name).write_text(text)
     replace_dir(staging, out_dir)
     return out_dir
 

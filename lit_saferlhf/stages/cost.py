@@ -21,6 +21,7 @@ class CostModelModule(ScoreModelStage):
 
     sides = ("safer", "unsafer")
     metric_names = ("accuracy", "sign_accuracy")
+    score_type = "cost"
 
     def objective(
         self, batch: dict[str, Tensor], scores: tuple[Tensor, Tensor], ends: tuple[Tensor, Tensor]

@@ -63,6 +63,8 @@ class ScoreModelStage(L.LightningModule, ABC):
 
     sides: ClassVar[tuple[str, str]]
     metric_names: ClassVar[tuple[str, ...]]
+    score_type: ClassVar[str]
+    """``reward`` or ``cost``: recorded in the export's ``score_model.json``."""
 
     def __init__(
         self,
@@ -83,7 +85,10 @@ class ScoreModelStage(L.LightningModule, ABC):
     def configure_model(self) -> None:
         """Build the score model here, so sharded strategies can place it as it is created."""
         if self.model is None:
-            model = ScoreModel.from_source(self.source, self.tokenizer).train()  # from_pretrained returns eval mode
+            # A new head on a causal LM (the SFT export) is the point of this stage; it is logged once.
+            role = f"{self.score_type} model"
+            model = ScoreModel.from_source(self.source, self.tokenizer, new_head_ok=True, role=role)
+            model = model.train()  # from_pretrained returns eval mode
             self.model = shard(model, self.device_mesh)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -157,7 +162,7 @@ class ScoreModelStage(L.LightningModule, ABC):
             out: The dir to write (replaced atomically if it exists).
             state_dict: The score model's gathered full state when it is sharded; None writes the live weights.
         """
-        return self.model.save_pretrained(out, self.tokenizer, state_dict=state_dict)
+        return self.model.save_pretrained(out, self.tokenizer, state_dict=state_dict, score_type=self.score_type)
 
     def configure_optimizers(self) -> dict:
         """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""
@@ -172,6 +177,7 @@ class RewardModelModule(ScoreModelStage):
 
     sides = ("better", "worse")
     metric_names = ("accuracy",)
+    score_type = "reward"
 
     def objective(
         self, batch: dict[str, Tensor], scores: tuple[Tensor, Tensor], ends: tuple[Tensor, Tensor]

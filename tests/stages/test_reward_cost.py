@@ -106,7 +106,7 @@ def test_inconsistent_safety_pairs_stop_the_cost_stage_unless_dropped(
     with pytest.raises(ValueError, match=r"pairs.jsonl:line 9.*drop_inconsistent"):
         fit("tiny/cost.yaml", tmp_path / "strict", *common)
     fit("tiny/cost.yaml", tmp_path / "lenient", *common, "--data.init_args.adapter.init_args.drop_inconsistent=true")
-    assert (tmp_path / "lenient" / "model" / "score_head.safetensors").is_file()
+    assert (tmp_path / "lenient" / "model" / "score_model.json").is_file()
 
 
 def test_validate_then_fit_in_one_process(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -98,8 +98,7 @@ def test_exporting_a_cost_checkpoint_gives_the_end_of_fit_export(runs: dict[str,
     # Fitted with a config fragment that starts from the SFT export; the same setting as a flag works too.
     start = f"--model.init_args.model.path={runs['sft']}"
     exported = export(tmp_path, runs["cost"].parent / "checkpoints" / "last.ckpt", f"--config={COST}", start)
-    assert_same_weights(exported, runs["cost"], "model.safetensors")  # the backbone
-    assert_same_weights(exported, runs["cost"], "score_head.safetensors")  # the head and the normaliser statistics
+    assert_same_weights(exported, runs["cost"], "model.safetensors")  # the backbone and the head (score.weight)
     assert (exported / "score_model.json").read_text() == (runs["cost"] / "score_model.json").read_text()
 
 

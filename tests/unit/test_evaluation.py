@@ -173,8 +173,10 @@ def test_clear_errors_before_any_generation(models: dict[str, str], tmp_path: Pa
     sets = ["safety-world:prompts-eval"]
     with pytest.raises(FileNotFoundError, match="policy 'ghost'"):
         evaluate({"sft": models["sft"], "ghost": str(tmp_path / "nope")}, prompt_sets=sets, **base)
-    with pytest.raises(ValueError, match="not a score model"):
+    with pytest.raises(ValueError, match=r"cost_model: .* without a score head; .* layouts \['lit-saferlhf"):
         evaluate({"sft": models["sft"]}, prompt_sets=sets, **{**base, "cost_model": models["sft"]})
+    with pytest.raises(ValueError, match=r"policy 'rm': .* is a score model \(lit-saferlhf"):
+        evaluate({"rm": models["reward"]}, prompt_sets=sets, **base)
     with pytest.raises(ValueError, match="arena"):
         evaluate({"sft": models["sft"]}, prompt_sets=sets, arena=["sft", "ppo_lag"], **base)
     with pytest.raises(BadRecordError, match="'prompt'"):

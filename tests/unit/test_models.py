@@ -63,13 +63,12 @@ def test_score_model_export_reload_gives_same_scores(family: str, tmp_path: Path
     source = tiny_source(family)
     tokenizer = load_tokenizer(source)
     model = ScoreModel.from_source(source, tokenizer).eval()
-    assert torch.count_nonzero(model.score_head.bias) == 0
-    torch.nn.init.normal_(model.score_head.bias)
+    assert model.score_head.bias is None  # a new head is bias-free, as transformers' are
     model.normalizer.update(torch.tensor([1.0, 2.0, 3.0]))
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     before = model(ids, mask)
-    out = model.save_pretrained(tmp_path / "score", tokenizer)
+    out = model.save_pretrained(tmp_path / "score", tokenizer, score_type="reward")
     reloaded = ScoreModel.from_source(ModelSource(path=str(out)), load_tokenizer(ModelSource(path=str(out)))).eval()
     after = reloaded(ids, mask)
     torch.testing.assert_close(after.scores, before.scores)
@@ -91,7 +90,11 @@ def test_score_model_starts_from_a_causal_lm_export(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(source)
     policy = build_causal_lm(source, tokenizer)
     out = export(policy, tokenizer, tmp_path / "sft")
-    scorer = ScoreModel.from_source(ModelSource(path=str(out)), tokenizer)
+    with pytest.raises(
+        ValueError, match=r"reward_model: .*sft is a language-model \(LlamaForCausalLM\) without a score"
+    ):
+        ScoreModel.from_source(ModelSource(path=str(out)), tokenizer, role="reward_model")
+    scorer = ScoreModel.from_source(ModelSource(path=str(out)), tokenizer, new_head_ok=True)
     torch.testing.assert_close(scorer.backbone.get_input_embeddings().weight, policy.get_input_embeddings().weight)
 
 
