@@ -34,7 +34,9 @@ def shard(model: nn.Module, mesh: DeviceMesh | None) -> nn.Module:
     for module in model.modules():
         if type(module).__name__ in names:
             fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # A peft wrapper's generate() calls its base model directly: the base must be the root unit, so
+    # that its own forward gathers the root's weights (embeddings, final norm).
+    fully_shard(model.get_base_model() if hasattr(model, "peft_config") else model, mesh=mesh)
     return model
 
 

@@ -148,3 +148,25 @@ def test_lora_ppo_checkpoint_holds_the_trainable_tensors_and_resumes(
     expected_weights, found = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name in expected_weights:
         torch.testing.assert_close(found[name], expected_weights[name], msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "fsdp2"])
+def test_lora_ppo_lag_runs_on_two_processes(strategy: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from tests.distributed.test_strategies import QUICK, STRATEGIES, fit_on_two_processes, stage_overrides
+
+    checks = tmp_path / "checks"
+    checks.mkdir()
+    setup = [f"--config={CONFIGS / 'tiny/ppo_lag.yaml'}", *STRATEGIES[strategy], LORA_PPO]
+    overrides = ["--trainer.callbacks+=rank_checks.RecordRanks", *QUICK, *stage_overrides("ppo_lag", tiny_models)]
+    run = fit_on_two_processes(setup, tmp_path, *overrides, env={"RANK_CHECKS_DIR": str(checks)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    records = [json.loads((checks / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [record["world_size"] for record in records] == [2, 2]
+    assert len(records[0]["multipliers"]) == 2
+    assert all(gathered[0] == gathered[1] for gathered in records[0]["multipliers"])  # one λ on both ranks
+    if strategy == "fsdp2":
+        assert all(record["sharded_params"] > 0 for record in records)
+    base, merged = load_file(tiny_models["sft"] / "model.safetensors"), load_file(tmp_path / "model/model.safetensors")
+    assert merged.keys() == base.keys()  # gathered and merged into one plain Hugging Face dir
+    assert any(not torch.equal(base[name], merged[name]) for name in base)
