@@ -617,25 +617,17 @@ RISK_SPLITS: tuple[str, ...] = ("pairs-risk", "prompts-risk", "prompts-risk-eval
 
 
 def _category_texts(category: str) -> dict[str, list[str]]:
-    """Per topic name, every prompt text of a category other than EHD and benign (the original prompts)."""
-    framed = category in ("IHD", "MHD")
-    templates = (
-        (*PROMPT_TEMPLATES, *JAILBREAK_FRAMES)
-        if category == "IHD"
-        else (JAILBREAK_FRAMES if framed else PROMPT_TEMPLATES)
-    )
-    phrasings = {
-        "IHD": IMPLICIT_PHRASINGS,
-        "MHD": {t.name: t.phrasings for t in TOPICS if t.harmful},
-        "benign_risky": RISKY_LOOKING_PHRASINGS,
+    """Per topic name, every prompt text of IHD (plain or framed), MHD (framed) or benign_risky (plain).
+
+    EHD and benign are the original prompts (:func:`_prompt_pools`).
+    """
+    templates, phrasings = {
+        "IHD": ((*PROMPT_TEMPLATES, *JAILBREAK_FRAMES), IMPLICIT_PHRASINGS),
+        "MHD": (JAILBREAK_FRAMES, {t.name: t.phrasings for t in TOPICS if t.harmful}),
+        "benign_risky": (PROMPT_TEMPLATES, RISKY_LOOKING_PHRASINGS),
     }[category]
     return {
-        name: [
-            f"{template.format(task=p)} {suffix}".strip()
-            for template in templates
-            for p in ps
-            for suffix in PROMPT_SUFFIXES
-        ]
+        name: [f"{t.format(task=p)} {suffix}".strip() for t in templates for p in ps for suffix in PROMPT_SUFFIXES]
         for name, ps in phrasings.items()
     }
 

@@ -370,6 +370,15 @@ def test_original_vocabulary_and_files_are_unchanged(tmp_path) -> None:
     assert digest.hexdigest() == ORIGINAL_FILES_DIGEST
 
 
+def test_risk_splits_are_pinned_too() -> None:
+    """The risk splits as the Equilibrate benchmark measured them (change only with a re-measurement)."""
+    digest = hashlib.sha256()
+    for split in world.RISK_SPLITS:
+        for location, row in world.rows(split):
+            digest.update((location + json.dumps(row, sort_keys=True)).encode())
+    assert digest.hexdigest() == "ff7c5ba7cb0c64c5d3c4c8e50a9231e95e0ba9d69a41309876f9c239550c7787"
+
+
 def test_original_prompts_are_explicit_or_benign() -> None:
     for prompt in universe():
         assert world.risk_category(prompt) == ("EHD" if world.is_harmful_prompt(prompt) else "benign")
