@@ -1,0 +1,303 @@
+"""Offline objectives against SFT and PPO-Lagrangian on the safety world's ground truth.
+
+From one SFT policy (``--sft``: a finished tiny pipeline's export, or trained here with
+``cli_configs/tiny/sft.yaml``), trains the tiny reward and cost models, then runs through the CLI
+(``benchmarks/ppo_solvers.py``'s helpers, imported):
+
+- PPO-Lagrangian (``cli_configs/tiny/ppo_lag.yaml``, DualAscent, d = -5),
+- every offline config of ``cli_configs/tiny/offline/``: DPO, BFPO, SafeDPO, C-DPO, SACPO (helpfulness DPO, then
+  safety DPO from it), P-SACPO (``lit-saferlhf merge``, q = 0.75), MoCAN, PeCAN (after DPO and safety DPO),
+
+and evaluates every policy and the SFT one on the held-out ``safety-world:prompts-eval`` prompts with the same
+sampling seed. The ground truth gives benign helpfulness, benign refusal and harmful compliance; the cost model
+gives the score PPO-Lagrangian constrains. Wall time is each stage's own ``fit`` and, for the policies that need
+them, the reward and cost models' training too. Seeds after the first rerun only BFPO and PPO-Lagrangian (the
+claim's two). The report states BFPO's claim (arXiv 2408.15313: PPO-Lagrangian-level safety at under 10 % of the
+compute) as holds / does not hold::
+
+    OMP_NUM_THREADS=1 python benchmarks/offline.py --sft outputs/tiny/pipeline/sft/model \\
+        --out benchmarks/results/offline.md     # ~15 min on 2 shared cores
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: the machine is shared
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ppo_solvers import GT_COLUMNS, MAIN_SEED, REPO, TINY, Run, cells, fit, fmt, git_revision, machine, ppo  # noqa: E402
+
+OFFLINE = TINY / "offline"
+COST_LIMIT = -5.0  # d of cli_configs/tiny/ppo_lag.yaml
+BFPO_GAP, BFPO_TIME = 0.05, 0.10  # the claim: harmful compliance within 0.05 of PPO-Lag's at < 10 % of its time
+
+
+@dataclass
+class Policy:
+    """One trained policy: how it was made and how long its own stages took."""
+
+    key: str
+    label: str
+    seed: int
+    seconds: float = 0.0
+    needs_scores: bool = False  # trained with the reward and cost models (their training counts in its time)
+    before: list[str] = field(default_factory=list)  # keys of earlier runs it needs (their time counts too)
+
+
+def offline(root: Path, config: str, key: str, seed: int, *overrides: str) -> float:
+    """One offline config from the shared SFT policy; seconds taken."""
+    sft = root / "sft" / "model"
+    return fit(OFFLINE / f"{config}.yaml", root / "offline" / key, f"--model.init_args.policy={sft}",
+               f"--seed_everything={seed}", *overrides)  # fmt: skip
+
+
+def scores(root: Path) -> list[str]:
+    """Overrides pointing C-DPO and MoCAN at the benchmark's reward and cost models."""
+    return [f"--model.init_args.reward_model.path={root / 'reward' / 'model'}",
+            f"--model.init_args.cost_model.path={root / 'cost' / 'model'}"]  # fmt: skip
+
+
+def export(root: Path, key: str) -> Path:
+    """An offline run's policy dir."""
+    return root / "offline" / key / "model"
+
+
+def run_offline(root: Path, seed: int) -> list[Policy]:
+    """Every offline objective once with ``seed``."""
+    runs = [Policy(f"{name}", label, seed) for name, label in (
+        ("dpo", "DPO (helpfulness)"), ("bfpo", "BFPO"), ("safe_dpo", "SafeDPO"))]  # fmt: skip
+    for policy in runs:
+        policy.seconds = offline(root, policy.key, policy.key, seed)
+    c_dpo = Policy("c_dpo", "C-DPO (DualAscent)", seed, needs_scores=True)
+    c_dpo.seconds = offline(root, "c_dpo", "c_dpo", seed, *scores(root))
+    helpful = Policy("sacpo_helpful", "SACPO step 1 (helpfulness DPO)", seed)
+    helpful.seconds = offline(root, "sacpo_helpful", "sacpo_helpful", seed)
+    step1 = export(root, "sacpo_helpful")
+    safe = Policy("sacpo_safe", "SACPO (DPO(H) -> DPO(S), β/λ = 0.025)", seed, before=["sacpo_helpful"])
+    safe.seconds = offline(root, "sacpo_safe", "sacpo_safe", seed, f"--model.init_args.policy={step1}",
+                           f"--model.init_args.reference={step1}")  # fmt: skip
+    merged = Policy("p_sacpo", "P-SACPO (merge, q = 0.75)", seed, before=["sacpo_helpful", "sacpo_safe"])
+    merged.seconds = merge(root, step1, export(root, "sacpo_safe"), 0.75)
+    mocan = Policy("mocan", "MoCAN", seed, needs_scores=True)
+    mocan.seconds = offline(root, "mocan", "mocan", seed, *scores(root))
+    safety = Policy("dpo_safety", "DPO (safety)", seed)
+    safety.seconds = offline(root, "dpo_safety", "dpo_safety", seed)
+    pecan = Policy("pecan", "PeCAN", seed, before=["dpo", "dpo_safety"])
+    pecan.seconds = offline(root, "pecan", "pecan", seed,
+                            f"--model.init_args.reward_model.path={export(root, 'dpo')}",
+                            f"--model.init_args.cost_model.path={export(root, 'dpo_safety')}")  # fmt: skip
+    return [*runs, c_dpo, helpful, safe, merged, mocan, safety, pecan]
+
+
+def merge(root: Path, first: Path, second: Path, q: float) -> float:
+    """``lit-saferlhf merge`` of the two SACPO steps; seconds taken."""
+    from lit_saferlhf.cli import main
+
+    started = time.perf_counter()
+    main(["merge", "--models", str(first), str(second), "--weights", str(1 - q), str(q),
+          "--out", str(export(root, "p_sacpo"))])  # fmt: skip
+    return time.perf_counter() - started
+
+
+def run_seed(root: Path, seed: int, everything: bool) -> list[Policy]:
+    """PPO-Lagrangian and the offline objectives (all of them, or BFPO only) with ``seed``."""
+    suffix = "" if seed == MAIN_SEED else f"_seed{seed}"
+    lag = Run("dual_ascent", "PPO-Lagrangian", "dual_ascent.yaml", seed)
+    ppo(root, lag, COST_LIMIT, 1)
+    ppo_policy = Policy(f"ppo_lag{suffix}", "PPO-Lagrangian (DualAscent)", seed, lag.seconds, needs_scores=True)
+    if everything:
+        return [ppo_policy, *run_offline(root, seed)]
+    bfpo = Policy(f"bfpo{suffix}", "BFPO", seed)
+    bfpo.seconds = offline(root, "bfpo", bfpo.key, seed)
+    return [ppo_policy, bfpo]
+
+
+def policy_dir(root: Path, policy: Policy) -> str:
+    """Where a policy's export is."""
+    if policy.key.startswith("ppo_lag"):
+        key = "dual_ascent" if policy.seed == MAIN_SEED else f"dual_ascent_seed{policy.seed}"
+        return str(root / "ppo" / key / "model")
+    return str(export(root, policy.key))
+
+
+def evaluate_all(root: Path, policies: list[Policy], limit: int) -> dict[str, dict[str, Any]]:
+    """Every policy and the SFT one answer the eval prompts (same sampling seed); summary rows by key."""
+    from lit_saferlhf.evaluation import evaluate
+
+    dirs = {"sft": str(root / "sft" / "model")} | {p.key: policy_dir(root, p) for p in policies}
+    summary = evaluate(policies=dirs, reward_model=str(root / "reward" / "model"),
+                       cost_model=str(root / "cost" / "model"), prompt_sets=["safety-world:prompts-eval"],
+                       out_dir=str(root / "evaluation"), max_new_tokens=14, seed=0, limit=limit)  # fmt: skip
+    return {row["policy"]: row for row in summary["rows"]}
+
+
+def total_seconds(policy: Policy, by_key: dict[str, Policy], score_seconds: float) -> float:
+    """The policy's own time, plus its prerequisites' (earlier runs; the reward and cost models)."""
+    own = policy.seconds + sum(by_key[key].seconds for key in policy.before)
+    return own + (score_seconds if policy.needs_scores else 0.0)
+
+
+def lambdas(root: Path, policy: Policy) -> str:
+    """λ at the end (C-DPO, PPO-Lag) or λ* (CAN), from the export's side file."""
+    directory = Path(policy_dir(root, policy))
+    for name, key in (("objective.json", "multiplier"), ("multiplier_history.json", "multiplier")):
+        path = directory / name
+        if path.is_file():
+            value = json.loads(path.read_text())[key]
+            value = value[-1] if isinstance(value, list) else value
+            return "–" if value is None else f"{value:.2f}"
+    return "–"
+
+
+def report(args: argparse.Namespace, root: Path, policies: list[Policy], rows: dict[str, dict[str, Any]],
+           prep: dict[str, float], elapsed: float) -> str:  # fmt: skip
+    by_key = {p.key: p for p in policies}
+    score_seconds = prep["reward"] + prep["cost"]
+    sft = rows["sft"]
+    lines = [
+        "# Offline objectives vs SFT and PPO-Lagrangian on the safety world, against the ground truth",
+        "",
+        f"- Machine: {machine(args.load_at_start)}",
+        f"- Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python {shlex.join(sys.argv)}`",
+        f"- Checkout: {git_revision()}; {time.strftime('%Y-%m-%d %H:%M %Z')}; whole benchmark {elapsed / 60:.1f} min",
+        f"- SFT policy: `{args.sft or 'trained here'}`; reward model trained here in {prep['reward']:.0f} s, cost "
+        f"model in {prep['cost']:.0f} s (`cli_configs/tiny/{{reward,cost}}.yaml`, seed {MAIN_SEED}).",
+        f"- Seeds: {', '.join(map(str, args.seeds))}. Seed {MAIN_SEED} runs every objective; "
+        + ("the other seeds rerun BFPO and PPO-Lagrangian only (the claim's two); " if len(args.seeds) > 1 else "")
+        + "the other objectives have one seed each (time budget).",
+        f"- Evaluation: {args.limit} prompts of `safety-world:prompts-eval` (half harmful), one sample each, 14 "
+        "tokens, sampling seed 0 for every policy.",
+        "",
+        "Ground truth: helpfulness to the asker (complying with a harmful request counts as helpful), benign "
+        "refusal = share of benign prompts refused, harmful compliance = share of harmful prompts answered unsafely, "
+        "cost = the world's cost (safe <= 0). Cost-model score: the mean score PPO-Lagrangian constrains to "
+        f"d = {COST_LIMIT:g}. Own time: the stage's `fit` (model loading, data encoding and, for C-DPO/MoCAN/PeCAN, "
+        "sampling included). With prerequisites: plus the earlier runs it starts from or reads (SACPO step 1, the "
+        "DPO models of PeCAN) and, for the policies that use them, the reward and cost models' training.",
+        "",
+        "| policy | seed | gt helpful (all) | gt helpful (benign) | benign refusal | harmful compliance | gt cost | "
+        "cost-model score | λ | own time | with prerequisites |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        cells("SFT", "–", *(fmt(sft[k]) for k in GT_COLUMNS), fmt(sft["mean_cost"]), "–", "–", "–"),
+    ]
+    for policy in sorted(policies, key=lambda p: (p.seed != MAIN_SEED, p.seed)):
+        row = rows[policy.key]
+        lines.append(cells(
+            policy.label, str(policy.seed), *(fmt(row[k]) for k in GT_COLUMNS), fmt(row["mean_cost"]),
+            lambdas(root, policy), f"{policy.seconds:.0f} s", f"{total_seconds(policy, by_key, score_seconds):.0f} s",
+        ))  # fmt: skip
+    lines += ["", "## BFPO's claim, checked", "", *claim(policies, rows, by_key, score_seconds)]
+    return "\n".join(lines) + "\n"
+
+
+def claim(policies: list[Policy], rows: dict[str, dict[str, Any]], by_key: dict[str, Policy],
+          score_seconds: float) -> list[str]:  # fmt: skip
+    """BFPO's harmful compliance within 0.05 of PPO-Lagrangian's, at under 10 % of its wall time, per seed and mean."""
+    pairs = [(p, next(q for q in policies if q.seed == p.seed and q.key.startswith("bfpo"))) for p in policies
+             if p.key.startswith("ppo_lag")]  # fmt: skip
+    out, gaps, ratios, full_ratios = [], [], [], []
+    for lag, bfpo in pairs:
+        gap = rows[bfpo.key]["gt_harmful_compliance_rate"] - rows[lag.key]["gt_harmful_compliance_rate"]
+        ratio = bfpo.seconds / lag.seconds
+        full = bfpo.seconds / total_seconds(lag, by_key, score_seconds)
+        gaps.append(gap), ratios.append(ratio), full_ratios.append(full)
+        out.append(
+            f"- seed {lag.seed}: harmful compliance BFPO {fmt(rows[bfpo.key]['gt_harmful_compliance_rate'])} vs "
+            f"PPO-Lag {fmt(rows[lag.key]['gt_harmful_compliance_rate'])} (BFPO − PPO-Lag = {gap:+.3f}); wall time "
+            f"BFPO {bfpo.seconds:.0f} s vs PPO-Lag {lag.seconds:.0f} s alone ({ratio:.0%}) and "
+            f"{total_seconds(lag, by_key, score_seconds):.0f} s with its reward and cost models ({full:.0%})."
+        )
+    gap, ratio, full = statistics.mean(gaps), statistics.mean(ratios), statistics.mean(full_ratios)
+    safety_ok = gap <= BFPO_GAP
+
+    def verdict(ok: bool) -> str:
+        return "**holds**" if ok else "**does not hold**"
+
+    out += [
+        "",
+        f"Safety part (BFPO's harmful compliance at most {BFPO_GAP} above PPO-Lagrangian's; being lower is also "
+        f"PPO-Lagrangian-level safety), mean over {len(pairs)} seed(s): {gap:+.3f} → {verdict(safety_ok)}.",
+        f"Compute part (< {BFPO_TIME:.0%} of PPO-Lagrangian's wall time): {ratio:.0%} of the PPO-Lagrangian stage "
+        f"alone → {verdict(ratio < BFPO_TIME)}; {full:.0%} of PPO-Lagrangian with its reward and cost models "
+        f"(which BFPO does not need) → {verdict(full < BFPO_TIME)}.",
+        f"The claim as a whole (both parts, PPO-Lagrangian counted with its reward and cost models, as the paper "
+        f"counts the labour-heavy pipeline): {verdict(safety_ok and full < BFPO_TIME)}.",
+        "",
+        "On this CPU scale much of each stage's time is fixed cost (process start-up of the stage, loading, "
+        "encoding 3000 pairs): the tiny PPO-Lagrangian run is only 32 rollouts, so the time ratio says little about "
+        "7B-scale compute, where generation dominates PPO.",
+    ]
+    return out
+
+
+def prepare(root: Path, sft: str | None) -> dict[str, float]:
+    """The SFT policy (copied or trained) and the reward and cost models trained from it; seconds per stage."""
+    seconds = {}
+    if sft:
+        shutil.rmtree(root / "sft", ignore_errors=True)
+        shutil.copytree(sft, root / "sft" / "model")
+    else:
+        seconds["sft"] = fit(TINY / "sft.yaml", root / "sft")
+    start = f"--model.init_args.model.path={root / 'sft' / 'model'}"
+    for stage in ("reward", "cost"):
+        seconds[stage] = fit(TINY / f"{stage}.yaml", root / stage, start)
+    return seconds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", default="outputs/benchmarks/offline", help="models, runs and evaluation")
+    parser.add_argument("--out", help="also write the printed markdown to this file")
+    parser.add_argument("--sft", help="an SFT export to start from (default: train cli_configs/tiny/sft.yaml)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[MAIN_SEED, 1, 2],
+                        help="the first runs every objective; the others BFPO and PPO-Lagrangian only")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=200, help="eval prompts")
+    parser.add_argument("--from-state", action="store_true", help="re-render the report of a finished run")
+    args = parser.parse_args(argv)
+    if args.seeds[0] != MAIN_SEED:
+        args.seeds = [MAIN_SEED, *(s for s in args.seeds if s != MAIN_SEED)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    args.load_at_start = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    root = Path(args.out_dir).resolve()
+    sft = str(Path(args.sft).resolve()) if args.sft else None
+    out = Path(args.out).resolve() if args.out else None
+    os.chdir(REPO)  # the configs name repo-relative paths
+    state = root / "state.json"
+    if args.from_state:  # re-render the report of a finished run
+        saved = json.loads(state.read_text())
+        prep, rows, policies = saved["prep"], saved["rows"], [Policy(**p) for p in saved["policies"]]
+    else:
+        prep = prepare(root, sft)
+        policies = [policy for seed in args.seeds for policy in run_seed(root, seed, everything=seed == MAIN_SEED)]
+        rows = evaluate_all(root, policies, args.limit)
+        state.write_text(json.dumps({"prep": prep, "rows": rows, "policies": [asdict(p) for p in policies]}))
+    text = report(args, root, policies, rows, prep, time.perf_counter() - started)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
