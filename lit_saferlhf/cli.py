@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, expected_error
+from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, chain, expected_error
 from lit_saferlhf.parsing import cli_main, configure_parsing
 
 __all__ = ["COMMANDS", "cli_main", "configure_parsing", "main"]
@@ -87,6 +88,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
 }
 
 
+UNION_FAILURE = "Does not validate against any of the Union subtypes"
+"""How jsonargparse starts its report of a value that fits none of a setting's types."""
 TRACEBACK_FLAG = "--traceback"
 """Shows the traceback of an error in the input too (as ``LIT_SAFERLHF_TRACEBACK=1`` does)."""
 
@@ -135,8 +138,24 @@ def error_message(error: Exception) -> str | None:
     if ours is not None:
         return str(ours)
     if isinstance(error, argparse.ArgumentError):
-        return f"{error.message}\n(`--help` after the command lists its options)"
+        return f"{short_parse_error(error)} (`--help` after the command lists the options)"
     return None
+
+
+def short_parse_error(error: argparse.ArgumentError) -> str:
+    """A command-line parse error as one line: the keys that lead to the problem, then the innermost report.
+
+    jsonargparse wraps the real problem in "Does not validate against any of the Union subtypes" reports,
+    one per level (``model`` -> ``model.config``); the innermost parse error of the chain says what is wrong.
+    """
+    reports = [linked.message for linked in chain(error) if isinstance(linked, argparse.ArgumentError)]
+    keys = dict.fromkeys(key for report in reports for key in re.findall(r'Parser key "([^"]+)"', report))
+    body = " ".join(re.sub(r'Parser key "[^"]+":', "", reports[-1]).split())
+    if UNION_FAILURE in body:
+        expected = dict.fromkeys(re.findall(r"Expected a <class '([^']+)'>", body))
+        given = re.search(r"Given value: (?:NestedArg\(key='[^']*', val=)?(.*?)\)?$", body)
+        body = f"expected {' or '.join(expected) or 'another value'}, found {given.group(1) if given else '?'}"
+    return f"{' > '.join(keys)}: {body}" if keys else body
 
 
 if __name__ == "__main__":
