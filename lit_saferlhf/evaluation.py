@@ -40,11 +40,11 @@ from lit_saferlhf.data.adapters import PromptList, load_records
 from lit_saferlhf.data.collate import Encoder, attention_mask, collate_prompts, pad
 from lit_saferlhf.data.readers import READERS, SAFETY_WORLD_PREFIX
 from lit_saferlhf.data.records import Conversation, PromptRecord, user_prompt
-from lit_saferlhf.data.templates import SafeRLHFTemplate
+from lit_saferlhf.data.templates import SafeRLHFTemplate, Template, recorded_template
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
 from lit_saferlhf.models.layouts import require_policy, require_score_model
 from lit_saferlhf.models.score_model import ScoreModel
-from lit_saferlhf.rollout import GenerationArgs, HFGenerate, response_mask
+from lit_saferlhf.rollout import GenerationArgs, Generator, HFGenerate, response_mask
 
 # ----------------------------------------------------------------------------------------------
 # Refusals
@@ -191,10 +191,13 @@ def generate_responses(
     seed: int,
     max_prompt_length: int,
     greedy: bool = False,
+    generator: Generator | None = None,
+    template: Template | None = None,
 ) -> list[str]:
     """Answer every prompt with the policy saved in ``policy_dir``; the model is freed afterwards.
 
-    Prompts go through Safe RLHF's template, keep their last ``max_prompt_length`` tokens (the end
+    Prompts go through the policy's template (``template``, else the one its export recorded in
+    ``lit_saferlhf.json``, else Safe RLHF's), keep their last ``max_prompt_length`` tokens (the end
     holds ``ASSISTANT:``), and are left-padded in batches of similar length. Sampling follows the
     reference (temperature 1, top-p 1, top-k 50) through :class:`~lit_saferlhf.rollout.HFGenerate`,
     seeded with ``torch.manual_seed(seed)``; ``greedy`` samples from the top-1 token instead.
@@ -207,6 +210,8 @@ def generate_responses(
         seed: Sampling seed.
         max_prompt_length: Longest prompt in tokens.
         greedy: Decode the most likely token at every step.
+        generator: The generation backend (None: ``HFGenerate``); e.g. ``StaticCacheGenerate``.
+        template: Overrides the template the policy recorded.
 
     Returns:
         The responses, decoded without special tokens and stripped, in the order of ``prompts``.
@@ -214,12 +219,13 @@ def generate_responses(
     source = ModelSource(path=policy_dir)
     tokenizer = load_tokenizer(source)
     model = build_causal_lm(source, tokenizer).to(device()).eval()
-    encoder = Encoder(tokenizer, SafeRLHFTemplate(), max_prompt_length)
+    template = template or recorded_template(policy_dir) or SafeRLHFTemplate()
+    encoder = Encoder(tokenizer, template, max_prompt_length)
     rows = [encoder.prompt_ids(user_prompt(p) if isinstance(p, str) else p)[-max_prompt_length:] for p in prompts]
     args = GenerationArgs(max_new_tokens=max_new_tokens, top_k=1 if greedy else 50)
     torch.manual_seed(seed)
     try:
-        step = functools.partial(_generate_batch, model, tokenizer, args)
+        step = functools.partial(_generate_batch, model, tokenizer, args, generator or HFGenerate(synced_gpus=False))
         return _run_batches(rows, batch_size, f"generating ({Path(policy_dir).name})", step)
     finally:
         del model
@@ -227,11 +233,13 @@ def generate_responses(
 
 
 @torch.no_grad()
-def _generate_batch(model: Any, tokenizer: Any, args: GenerationArgs, rows: list[list[int]]) -> list[str]:
+def _generate_batch(
+    model: Any, tokenizer: Any, args: GenerationArgs, generator: Generator, rows: list[list[int]]
+) -> list[str]:
     """Left-pad, sample, cut each response after its first EOS, and decode."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     batch = {key: value.to(model.device) for key, value in collate_prompts(rows, pad_id).items()}
-    sequences = HFGenerate(synced_gpus=False).generate(model, **batch, args=args, eos_id=eos_id, pad_id=pad_id)
+    sequences = generator.generate(model, **batch, args=args, eos_id=eos_id, pad_id=pad_id)
     responses = sequences[:, batch["input_ids"].shape[1] :].cpu()  # (B, A)
     kept = [row[mask].tolist() for row, mask in zip(responses, response_mask(responses, eos_id), strict=True)]
     return [text.strip() for text in tokenizer.batch_decode(kept, skip_special_tokens=True)]
@@ -444,6 +452,8 @@ def evaluate(
     limit: int | None = None,
     arena: list[str] | None = None,
     max_prompt_length: int = 512,
+    generator: Generator | None = None,
+    template: Template | None = None,
 ) -> dict[str, Any]:
     """Compare policies on prompt sets with a reward model and a cost model (Safe RLHF, Sec. 5).
 
@@ -459,6 +469,9 @@ def evaluate(
         limit: Read at most this many prompts per set.
         arena: Two policy names ``[A, B]`` to compare prompt by prompt, from A's point of view.
         max_prompt_length: Longest prompt in tokens (longer ones keep their end).
+        generator: The generation backend, as the PPO stage's ``model.generator`` (None: ``HFGenerate``).
+        template: How every policy's prompts are rendered. Unset: each policy's own, as its export
+            recorded it (``lit_saferlhf.json``), else Safe RLHF's ``BEGINNING OF CONVERSATION`` template.
 
     Returns:
         ``{"rows": [one summary row per policy x set], "arena": ..., "out_dir": ...}``, where the
@@ -467,7 +480,8 @@ def evaluate(
     """
     check_inputs(policies, reward_model, cost_model, arena)
     sets = load_prompt_sets(prompt_sets, limit)
-    options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed}
+    options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "generator": generator}
+    options["template"] = template
     generations = generate_all(policies, sets, max_prompt_length=max_prompt_length, **options)
     prompts = [record.prompt for records in sets.values() for record in records] * len(policies)
     scoring = {"batch_size": batch_size, "max_length": max_prompt_length + max_new_tokens + 1}
@@ -554,7 +568,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
     parser = ArgumentParser(prog="lit-saferlhf evaluate", description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
     parser.add_function_arguments(evaluate)
-    options = parser.parse_args(list(argv)).as_dict()
+    options = parser.instantiate_classes(parser.parse_args(list(argv))).as_dict()  # builds the generator
     options.pop("config", None)
     summary = evaluate(**options)
     console = Console()

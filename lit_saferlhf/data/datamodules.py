@@ -42,7 +42,8 @@ class RecordData(L.LightningDataModule, ABC):
             ``PromptList``, or your own ``Adapter`` subclass).
         val_path: Validation records; when unset, ``val_fraction`` of the prompts are held out.
         val_fraction: Share of prompts held out for validation when there is no ``val_path``.
-        template: How a conversation becomes prompt text.
+        template: How a conversation becomes prompt text. Unset: the stage's ``default_template`` when it
+            has one (PPO: the template recorded in the policy's export), else Safe RLHF's.
         max_length: Longest sequence in tokens (longer ones are right-truncated and counted).
         batch_size: Samples per device per step.
         num_workers: DataLoader worker processes.
@@ -75,7 +76,7 @@ class RecordData(L.LightningDataModule, ABC):
         require(num_workers >= 0, "num_workers", "an integer >= 0", num_workers)
         require(limit is None or limit >= 1, "limit", "None or an integer >= 1", limit)
         self.path, self.adapter, self.val_path, self.val_fraction = path, adapter, val_path, val_fraction
-        self.template = template or SafeRLHFTemplate()
+        self.template, self.template_given = template or SafeRLHFTemplate(), template is not None
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
         self.on_bad_record, self.limit, self.split = on_bad_record, limit, split
         self.train_set: list[Any] = []
@@ -87,6 +88,9 @@ class RecordData(L.LightningDataModule, ABC):
         """Read, split and encode once per process."""
         if self.train_set or self.val_set:
             return
+        default = getattr(self.trainer.lightning_module, "default_template", None)  # PPO: the policy's template
+        if not self.template_given and default is not None:
+            self.template = default
         self.encoder = Encoder(self.trainer.lightning_module.tokenizer, self.template, self.max_length)
         train = self.read(self.path)
         val = self.read(self.val_path) if self.val_path else []

@@ -3,11 +3,18 @@
 The default is Safe RLHF's: ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:``; earlier
 assistant turns of a multi-turn dialogue end with the EOS token, as in safe-rlhf. A response is
 appended after one space and closed with EOS by the tokenisation step.
+
+A policy export records the template it was trained with in ``lit_saferlhf.json``
+(:func:`policy_files`); evaluation and the PPO stage's prompts use it unless told otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -54,3 +61,73 @@ class ChatTemplate(Template):
             raise ValueError(f"{type(tokenizer).__name__} has no chat template; use SafeRLHFTemplate instead")
         messages = [{"role": message.role, "content": message.content} for message in prompt]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The template a policy was trained with, recorded in its export
+# ----------------------------------------------------------------------------------------------
+
+POLICY_FILE = "lit_saferlhf.json"
+"""Side file of a policy export: ``{"template": {"class_path": ..., "init_args": {...}}}``."""
+
+
+def template_record(template: Template) -> dict[str, Any]:
+    """``template`` as ``{"class_path", "init_args"}`` (its attributes are its constructor's arguments)."""
+    cls = type(template)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(vars(template))}
+
+
+def template_from_record(record: dict[str, Any], source: str) -> Template:
+    """The template a :func:`template_record` describes (``source`` names the file in errors).
+
+    Raises:
+        ValueError: The class cannot be imported, is not a ``Template``, or rejects the arguments.
+    """
+    module, _, name = record.get("class_path", "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        template = cls(**record.get("init_args", {}))
+    except (ImportError, AttributeError, TypeError, ValueError) as error:
+        raise ValueError(f"{source}: cannot rebuild the recorded template {record} ({error})") from error
+    if not isinstance(template, Template):
+        raise ValueError(f"{source}: the recorded template {record['class_path']} is not a Template")
+    return template
+
+
+def policy_files(template: Template | None) -> dict[str, str]:
+    """The side file recording ``template`` in a policy export (none when the template is unknown)."""
+    if template is None:
+        return {}
+    return {POLICY_FILE: json.dumps({"template": template_record(template)}, indent=2)}
+
+
+def recorded_template(model_dir: str | Path) -> Template | None:
+    """The template the policy in ``model_dir`` was trained with, from its side file (None: not recorded)."""
+    path = Path(model_dir) / POLICY_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text()).get("template")
+    return None if record is None else template_from_record(record, str(path))
+
+
+def trained_template(module: Any) -> Template | None:
+    """The template a stage trains with: its datamodule's, else the one its checkpoint recorded (None: unknown)."""
+    try:
+        datamodule = module.trainer.datamodule
+    except RuntimeError:  # no trainer attached: ``lit-saferlhf export`` rebuilt the stage from a checkpoint
+        datamodule = None
+    template = getattr(datamodule, "template", None)
+    return template if template is not None else getattr(module, "checkpoint_template", None)
+
+
+def save_template(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Keep the stage's template in its checkpoint, so an export from the checkpoint records it too."""
+    template = trained_template(module)
+    if template is not None:
+        checkpoint["template"] = template_record(template)
+
+
+def load_template(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Restore what :func:`save_template` kept (as ``module.checkpoint_template``)."""
+    if "template" in checkpoint:
+        module.checkpoint_template = template_from_record(checkpoint["template"], "the checkpoint's template")

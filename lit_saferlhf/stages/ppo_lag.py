@@ -33,6 +33,13 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 
 from lit_saferlhf.advantages import GAE, AdvantageEstimator
+from lit_saferlhf.data.templates import (
+    load_template,
+    policy_files,
+    recorded_template,
+    save_template,
+    trained_template,
+)
 from lit_saferlhf.errors import ConfigError, require
 from lit_saferlhf.losses import (
     appo_policy_loss,
@@ -203,6 +210,7 @@ class PPOLagrangian(L.LightningModule):
         self.dtype_name, self.gradient_checkpointing, self.export_dir = dtype, gradient_checkpointing, export_dir
         self.lora = lora
         self.tokenizer = load_tokenizer(ModelSource(path=policy))
+        self.default_template = recorded_template(policy)  # the prompt data's template unless it sets one
         self.cost_window: deque[float] = deque(maxlen=ppo.cost_window)
         self.multiplier_history: list[float] = []
         self.actor: nn.Module | None = None
@@ -477,6 +485,7 @@ class PPOLagrangian(L.LightningModule):
         checkpoint["cost_window"] = list(self.cost_window)
         checkpoint["multiplier_history"] = list(self.multiplier_history)
         drop_frozen(checkpoint, self)  # with LoRA, the trainable tensors only
+        save_template(self, checkpoint)
 
     def rank_state_dict(self) -> dict[str, Any]:
         """This rank's own cost window (``reliability.RankStates`` saves it for every rank, not rank 0's only)."""
@@ -493,6 +502,7 @@ class PPOLagrangian(L.LightningModule):
         self.cost_window.extend(checkpoint["cost_window"])
         self.multiplier_history = list(checkpoint["multiplier_history"])
         restore_frozen(checkpoint, self)  # with LoRA, the frozen bases come from their dirs
+        load_template(self, checkpoint)
 
     def on_train_end(self) -> None:
         """Export the aligned policy and λ's history."""
@@ -509,6 +519,7 @@ class PPOLagrangian(L.LightningModule):
         """
         history = {"solver": type(self.solver).__name__, "multiplier": self.multiplier_history}
         extra = {"multiplier_history.json": json.dumps(history)}  # written before the dir is renamed into place
+        extra |= policy_files(trained_template(self))  # lit_saferlhf.json: the prompts' template
         return export(self.actor, self.tokenizer, out, state_dict=state_dict, extra_files=extra)
 
     def configure_optimizers(self) -> dict:

@@ -16,6 +16,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from lit_saferlhf.data.templates import load_template, policy_files, save_template, trained_template
 from lit_saferlhf.losses import lm_loss
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
 from lit_saferlhf.models.lora import drop_frozen, restore_frozen
@@ -97,12 +98,14 @@ class SFTModule(L.LightningModule):
         self.log_dict(self.val_metrics.compute_and_reset("val"), prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With LoRA, only the trainable tensors: the frozen base is rebuilt from its dir."""
+        """With LoRA, only the trainable tensors: the frozen base is rebuilt from its dir. Keeps the template."""
         drop_frozen(checkpoint, self)
+        save_template(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With LoRA, the frozen base comes from its dir, not the checkpoint."""
+        """With LoRA, the frozen base comes from its dir, not the checkpoint. Restores the template."""
         restore_frozen(checkpoint, self)
+        load_template(self, checkpoint)
 
     def on_train_end(self) -> None:
         """Export the fine-tuned policy as a Hugging Face dir."""
@@ -113,11 +116,15 @@ class SFTModule(L.LightningModule):
     def export_to(self, out: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the policy and tokenizer as a Hugging Face dir (also what ``lit-saferlhf export`` writes).
 
+        ``lit_saferlhf.json`` records the template the policy was trained with (see ``data.templates``).
+
         Args:
             out: The dir to write (replaced atomically if it exists).
             state_dict: The policy's gathered full state when it is sharded; None writes the live weights.
         """
-        return export(self.model, self.tokenizer, out, state_dict=state_dict)
+        return export(
+            self.model, self.tokenizer, out, state_dict=state_dict, extra_files=policy_files(trained_template(self))
+        )
 
     def configure_optimizers(self) -> dict:
         """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""

@@ -256,3 +256,64 @@ def test_evaluate_command_reads_a_yaml_and_flags(
     assert "prompts-eval" in printed
     assert "my_questions" in printed
     assert str(out_dir) in printed.replace("\n", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates follow the model
+# ----------------------------------------------------------------------------------------------
+
+
+def test_template_records_round_trip_and_bad_ones_name_the_file() -> None:
+    from lit_saferlhf.data.templates import ChatTemplate, SafeRLHFTemplate, template_from_record, template_record
+
+    custom = template_from_record(template_record(SafeRLHFTemplate("SYSTEM:")), "x.json")
+    assert isinstance(custom, SafeRLHFTemplate)
+    assert custom.system_prefix == "SYSTEM:"
+    assert isinstance(template_from_record(template_record(ChatTemplate()), "x.json"), ChatTemplate)
+    with pytest.raises(ValueError, match="x.json: cannot rebuild"):
+        template_from_record({"class_path": "no.such.Template"}, "x.json")
+    with pytest.raises(ValueError, match="is not a Template"):
+        template_from_record({"class_path": "pathlib.Path"}, "x.json")
+
+
+def test_evaluation_uses_the_template_the_policy_recorded_unless_overridden(
+    models: dict[str, str], tmp_path: Path
+) -> None:
+    from lit_saferlhf.data.templates import ChatTemplate, SafeRLHFTemplate, policy_files, recorded_template
+
+    source = ModelSource(config=TINY, tokenizer="safety-world")
+    tokenizer = load_tokenizer(source)
+    files = policy_files(ChatTemplate())  # an instruct policy; the safety-world tokenizer has no chat template
+    policy = export(build_causal_lm(source, tokenizer), tokenizer, tmp_path / "chat", extra_files=files)
+    assert isinstance(recorded_template(policy), ChatTemplate)
+    options = {"max_new_tokens": 2, "batch_size": 2, "seed": 0, "max_prompt_length": 32}
+    with pytest.raises(ValueError, match="no chat template"):  # proof that the recorded template is used
+        generate_responses(str(policy), ["how do i bake bread"], **options)
+    assert len(generate_responses(str(policy), ["how do i bake bread"], template=SafeRLHFTemplate(), **options)) == 1
+    assert recorded_template(models["sft"]) is None  # nothing recorded: Safe RLHF's template
+
+
+def test_prompt_data_takes_the_stages_default_template_unless_set(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lit_saferlhf.data import PromptData
+    from lit_saferlhf.data.templates import SafeRLHFTemplate
+
+    tokenizer = load_tokenizer(ModelSource(config=TINY, tokenizer="safety-world"))
+    stage = SimpleNamespace(tokenizer=tokenizer, default_template=SafeRLHFTemplate("USER: USER:"))
+    lengths = {}
+    for given, expected in ((None, "USER: USER:"), (SafeRLHFTemplate("USER:"), "USER:")):
+        data = PromptData(path="safety-world:prompts", template=given, limit=4)
+        data.trainer = SimpleNamespace(lightning_module=stage)
+        data.setup("fit")
+        assert data.template.system_prefix == expected
+        lengths[expected] = len(data.train_set[0].input_ids)
+    assert lengths["USER: USER:"] == lengths["USER:"] + 2  # the prompts were rendered with that template
+
+
+def test_the_sft_export_records_its_template(tiny_models: dict[str, Path]) -> None:
+    from lit_saferlhf.data.templates import SafeRLHFTemplate, recorded_template
+
+    template = recorded_template(tiny_models["sft"])
+    assert isinstance(template, SafeRLHFTemplate)
+    assert template.system_prefix == "BEGINNING OF CONVERSATION:"
