@@ -377,6 +377,8 @@ class LocalCopy:
         """Copy ``model``'s full weights into the local network; returns it, in ``model``'s train/eval mode."""
         from torch.distributed.tensor import DTensor
 
+        if hasattr(model, "peft_config"):  # LoRA: the copy is the base with the adapters folded in
+            return self.refresh_merged(model)
         local = dict(self.network.named_parameters())
         for name, param in model.named_parameters():
             if isinstance(param, DTensor):
@@ -391,6 +393,20 @@ class LocalCopy:
         local_buffers = dict(self.network.named_buffers())
         for name, buffer in model.named_buffers():  # buffers (rotary frequencies) are never sharded
             local_buffers[name].copy_(buffer)
+        self.network.train(model.training)
+        return self.network
+
+    def refresh_merged(self, model: Any) -> Any:
+        """``refresh`` for a ``peft`` actor: its gathered weights, adapters merged, under the base model's names."""
+        from lit_saferlhf.models.lora import base_name, full_tensor, merged_state_dict
+
+        full = {name: full_tensor(param) for name, param in model.named_parameters()}  # one at a time, every rank
+        local = dict(self.network.named_parameters())
+        for name, tensor in merged_state_dict(model, full).items():
+            local[name].copy_(tensor)
+        local_buffers = dict(self.network.named_buffers())
+        for name, buffer in model.named_buffers():
+            local_buffers[base_name(name)].copy_(buffer)
         self.network.train(model.training)
         return self.network
 

@@ -256,3 +256,16 @@ def test_bad_lora_settings_are_refused(base_dirs: dict[str, Path]) -> None:
         LoraArgs(dropout=1.0)
     with pytest.raises(ValueError, match=r"cannot be merged for export; target linear layers only"):
         policy(base_dirs["policy"], LoraArgs(target_modules=("embed_tokens",)))
+
+
+def test_the_rollout_copy_of_a_sharded_lora_actor_has_the_adapters_merged(base_dirs: dict[str, Path]) -> None:
+    from lit_saferlhf.rollout import LocalCopy
+
+    ids, mask = batch()
+    actor = policy(base_dirs["policy"])
+    move_adapters(actor)
+    copy = LocalCopy(actor).refresh(actor)  # what StaticCacheGenerate decodes with under FSDP2 / ZeRO-3
+    with torch.no_grad():
+        torch.testing.assert_close(
+            copy(input_ids=ids, attention_mask=mask).logits, actor(input_ids=ids, attention_mask=mask).logits
+        )
