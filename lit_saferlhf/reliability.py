@@ -39,6 +39,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from lit_saferlhf.errors import writing
+
 log = logging.getLogger(__name__)
 
 LOSS_PREFIXES = ("train/loss", "loss/")
@@ -104,8 +106,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(target)
         try:
-            torch.save(checkpoint, partial)
-            fsync(partial)
+            with writing(target):  # a full disk says so, naming the checkpoint (the previous one stays whole)
+                torch.save(checkpoint, partial)
+                fsync(partial)
             os.replace(partial, target)
         except BaseException:
             partial.unlink(missing_ok=True)
