@@ -22,6 +22,7 @@ from pathlib import Path
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lit_saferlhf.errors import ConfigError, DataError
 from lit_saferlhf.models.causal_lm import export
 
 
@@ -33,21 +34,21 @@ def linear_merge(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) 
         weights: One weight per state dict (P-SACPO: ``(1 − q, q)``).
 
     Raises:
-        ValueError: The counts differ, or a tensor is missing or has another shape in some model.
+        ConfigError: The counts differ.
+        DataError: A tensor is missing or has another shape in some model.
     """
     if len(states) != len(weights) or len(states) < 2:
-        raise ValueError(
-            f"merge: expected at least 2 models and one weight each, found {len(states)} and {len(weights)}"
-        )
+        found = f"{len(states)} models and {len(weights)} weights"
+        raise ConfigError("merge --weights", "one weight per model, and at least 2 models", found)
     first = states[0]
     for number, state in enumerate(states[1:], start=2):
         if state.keys() != first.keys():
             different = sorted(state.keys() ^ first.keys())[:3]
-            raise ValueError(f"merge: model {number} has other tensors than model 1 (e.g. {different})")
+            raise DataError(f"merge: model {number} has other tensors than model 1 (e.g. {different})")
         for name, tensor in state.items():
             if tensor.shape != first[name].shape:
                 shapes = f"{tuple(first[name].shape)} in model 1, {tuple(tensor.shape)} in model {number}"
-                raise ValueError(f"merge: tensor {name!r} has shape {shapes}")
+                raise DataError(f"merge: tensor {name!r} has shape {shapes}")
     return {
         name: sum(w * state[name].float() for w, state in zip(weights, states, strict=True)).to(first[name].dtype)
         for name in first
@@ -78,5 +79,5 @@ def normalized(weights: Sequence[float]) -> list[float]:
     """The weights divided by their sum (mergekit's ``normalize: true``)."""
     total = sum(weights)
     if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError(f"merge --weights: expected non-negative weights with a positive sum, found {list(weights)}")
+        raise ConfigError("merge --weights", "non-negative weights with a positive sum", list(weights))
     return [w / total for w in weights]

@@ -24,6 +24,7 @@ from lit_saferlhf.data.adapters import Adapter, LoadedRecords, PKUSafeRLHF, Prom
 from lit_saferlhf.data.collate import Encoded, attention_mask, collate_prompts, pad
 from lit_saferlhf.data.datamodules import RecordData
 from lit_saferlhf.data.records import Conversation, PreferenceRecord, SafetyPreferenceRecord
+from lit_saferlhf.errors import DataError
 from lit_saferlhf.objectives import LABEL_FIELDS
 
 DATA_LABELS = ("better", "safer", "is_safe")
@@ -56,7 +57,7 @@ class EncodedPair:
         return self.sides[0].truncated or self.sides[1].truncated
 
 
-class MissingLabelError(ValueError):
+class MissingLabelError(DataError):
     """The objective needs a label that no row of the data has."""
 
 

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.losses import gather_logprobs
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer, replace_dir
 from lit_saferlhf.models.score_model import ScoreModel
@@ -92,6 +93,7 @@ class PreferenceOptimization(L.LightningModule):
         self.dtype_name, self.gradient_checkpointing, self.export_dir = dtype, gradient_checkpointing, export_dir
         self.tokenizer = load_tokenizer(ModelSource(path=policy))
         self.reference_cache: dict[int, Tensor] = {}
+        self.last_dual_step = -1
         self.policy: nn.Module | None = None
 
     def configure_model(self) -> None:
@@ -181,9 +183,11 @@ class PreferenceOptimization(L.LightningModule):
         return out
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """C-DPO with ``update_every``: a dual step every that many optimiser steps."""
+        """C-DPO with ``update_every``: a dual step every that many optimiser steps (once under accumulation)."""
         every = getattr(self.objective, "update_every", None)
-        if self.objective.solver is not None and every and self.global_step % every == 0:
+        due = every and self.global_step % every == 0 and self.global_step != self.last_dual_step
+        if self.objective.solver is not None and due:
+            self.last_dual_step = self.global_step
             self.dual_step()
 
     def on_train_epoch_end(self) -> None:
@@ -289,9 +293,10 @@ def check_sources(objective: Objective, reward_model: ScoreSource | None, cost_m
     needs |= {"rewards", "costs"} if objective.dual_samples > 0 else set()
     for name, key, source in (("rewards", "reward_model", reward_model), ("costs", "cost_model", cost_model)):
         if name in needs and source is None:
-            raise ValueError(
-                f"model.init_args.{key}: the objective {type(objective).__name__} needs {name} scores; "
-                f"set {key}: {{path: <score-model dir>}} (or a DPO policy with implicit_beta)"
+            raise ConfigError(
+                f"model.init_args.{key}",
+                f"the objective {type(objective).__name__} needs {name} scores: set {key}: {{path: <score-model "
+                "dir>}} (or a DPO policy with implicit_beta)",
             )
 
 

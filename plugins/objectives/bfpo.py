@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.objectives import Label, Objective, PairBatch, bfpo_loss, bfpo_targets, ordered
 
 
@@ -28,7 +29,7 @@ class BFPO(Objective):
 
     def __init__(self, tau: float = 0.01, b1: float = 3.0, alpha: float = 0.5, buffer_weight: float = 1.0) -> None:
         if b1 <= 1:
-            raise ValueError(f"BFPO b1: expected a number > 1 (B3 = 1/(B1 - 1)), found {b1}")
+            raise ConfigError("b1", "a number > 1 (B3 = 1/(B1 - 1))", b1)
         self.tau, self.b1, self.alpha, self.buffer_weight = tau, b1, alpha, buffer_weight
 
     def __call__(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:

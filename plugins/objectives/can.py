@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.objectives import (
     Label,
     Objective,
@@ -38,9 +39,7 @@ class _Dualized(Objective):
         self, beta: float, margin: float, dual_samples: int, sample_prompts: int, max_multiplier: float
     ) -> None:
         if dual_samples < 2:
-            raise ValueError(
-                f"{type(self).__name__} dual_samples: expected at least 2 per prompt, found {dual_samples}"
-            )
+            raise ConfigError("dual_samples", "at least 2 samples per prompt", dual_samples)
         self.beta, self.margin, self.dual_samples = beta, margin, dual_samples
         self.sample_prompts, self.max_multiplier = sample_prompts, max_multiplier
         self.lam: float | None = None

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.objectives import Label, Objective, PairBatch, dpo_loss, lagrangian_preference, soft_dpo_loss
 from lit_saferlhf.solvers import ConstraintSolver
 
@@ -42,7 +43,9 @@ class CDPO(Objective):
         sample_prompts: int = 64,
     ) -> None:
         if update_every is not None and update_every < 1:
-            raise ValueError(f"CDPO update_every: expected a positive number of steps or null, found {update_every}")
+            raise ConfigError(
+                "update_every", "a positive number of optimiser steps, or null (once per epoch)", update_every
+            )
         self.solver, self.beta, self.soft = solver, beta, soft
         self.update_every, self.sample_prompts = update_every, sample_prompts
 

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from torch import Tensor
 
 from lit_saferlhf.ama import AMA
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.objectives import Label, Objective, PairBatch, dpo_loss, ipo_loss, kto_loss, ordered
 
 PairKind = Literal["helpfulness", "safety"]
@@ -20,7 +21,7 @@ PairKind = Literal["helpfulness", "safety"]
 
 def _label(pairs: PairKind) -> Label:
     if pairs not in ("helpfulness", "safety"):
-        raise ValueError(f"objective pairs: expected 'helpfulness' or 'safety', found {pairs!r}")
+        raise ConfigError("pairs", "'helpfulness' or 'safety'", pairs)
     return "better" if pairs == "helpfulness" else "safer"
 
 

@@ -179,3 +179,15 @@ def test_merge_worked_example_and_mismatch() -> None:
     assert merged["w"].tolist() == [1.5, 1.0]  # θ_r = (1, 2), θ* = (3, −2), q = 0.25
     with pytest.raises(ValueError, match="shape"):
         linear_merge([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}], [0.5, 0.5])
+
+
+def test_the_offline_pipeline_links_existing_configs_and_exports() -> None:
+    import yaml
+
+    pipeline = yaml.safe_load((CONFIGS / "tiny" / "pipeline_offline.yaml").read_text())
+    names = [stage["name"] for stage in pipeline["stages"]]
+    for index, stage in enumerate(pipeline["stages"]):
+        assert (CONFIGS.parent / stage["config"]).is_file(), stage["config"]
+        assert set(stage.get("inputs", {}).values()) <= set(names[:index]), stage["name"]  # earlier stages only
+    assert set(pipeline["evaluation"]["policies"]) <= set(names)
+    assert {"ppo_lag", "bfpo"} <= set(pipeline["evaluation"]["policies"])
