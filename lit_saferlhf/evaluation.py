@@ -41,6 +41,7 @@ from lit_saferlhf.data.collate import Encoder, attention_mask, collate_prompts, 
 from lit_saferlhf.data.readers import READERS, SAFETY_WORLD_PREFIX
 from lit_saferlhf.data.records import Conversation, PromptRecord, user_prompt
 from lit_saferlhf.data.templates import SafeRLHFTemplate, Template, recorded_template
+from lit_saferlhf.errors import ModelDirError
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
 from lit_saferlhf.models.layouts import require_policy, require_score_model
 from lit_saferlhf.models.score_model import ScoreModel
@@ -259,7 +260,7 @@ def release_memory() -> None:
 def check_score_model_dir(path: str, role: str) -> None:
     """Raise a clear error unless ``path`` is a score model in a layout ``layouts`` reads."""
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"{role}: no such directory {path}")
+        raise ModelDirError(role, path)
     require_score_model(path, role)
 
 
@@ -411,7 +412,7 @@ def check_inputs(policies: dict[str, str], reward_model: str, cost_model: str, a
         raise ValueError("policies: name at least one policy, e.g. {sft: outputs/tiny/sft/model}")
     for name, path in policies.items():
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"policy {name!r}: no such directory {path}")
+            raise ModelDirError(f"policies.{name}", path)
         require_policy(path, f"policy {name!r}")
     check_score_model_dir(reward_model, "reward_model")
     check_score_model_dir(cost_model, "cost_model")
