@@ -137,7 +137,7 @@ class PPOLagrangian(L.LightningModule):
         reward_critic: Initial reward critic; defaults to ``reward_model``.
         cost_critic: Initial cost critic; defaults to ``cost_model``.
         actor_optimizer: AdamW and schedule of the actor (reference: lr 1e-5, cosine).
-        critic_optimizer: AdamW and schedule of both critics (reference: lr 5e-6).
+        critic_optimizer: AdamW and schedule of the critics (reference: lr 5e-6); unused without critics.
         generation: Sampling settings.
         ppo: PPO, KL and loss-aggregation settings.
         advantage: The advantage estimator, run on the reward and the cost stream separately (default: ``GAE``,
@@ -191,13 +191,7 @@ class PPOLagrangian(L.LightningModule):
                 f"APPO masks tokens by critic values; {type(advantage).__name__} has no critic (use GAE)",
             )
         self.advantage = advantage or GAE()
-        if generation.num_return_sequences < self.advantage.min_group_size:
-            raise ConfigError(
-                "model.generation.num_return_sequences",
-                f"{type(self.advantage).__name__} compares the samples of each "
-                f"prompt and needs at least {self.advantage.min_group_size}, got {generation.num_return_sequences} "
-                "(with one sample every advantage would be 0)",
-            )
+        check_estimator(self.advantage, generation, reward_critic, cost_critic)
         self.automatic_optimization = False
         self.save_hyperparameters(
             ignore=["solver", "advantage", "generator", "actor_optimizer", "critic_optimizer", "generation", "ppo"]
@@ -531,6 +525,22 @@ class PPOLagrangian(L.LightningModule):
         networks += [(getattr(self, f"{name}_critic"), self.critic_args) for name in self.critic_names()]
         optimizer, scheduler = build_optimizer(networks, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_estimator(
+    advantage: AdvantageEstimator, generation: GenerationArgs, reward_critic: str | None, cost_critic: str | None
+) -> None:
+    """Refuse settings the estimator cannot use: too few samples per prompt, critic dirs without critics."""
+    name = type(advantage).__name__
+    if generation.num_return_sequences < advantage.min_group_size:
+        raise ConfigError(
+            "model.generation.num_return_sequences",
+            f"{name} compares the samples of each prompt and needs at least {advantage.min_group_size}, got "
+            f"{generation.num_return_sequences} (with one sample every advantage would be 0)",
+        )
+    given = [key for key, path in (("reward_critic", reward_critic), ("cost_critic", cost_critic)) if path]
+    if given and not advantage.needs_critics:
+        raise ConfigError(f"model.{given[0]}", f"{name} uses no critics; leave it unset")
 
 
 def frozen(network: nn.Module) -> nn.Module:

@@ -323,6 +323,17 @@ def test_critic_free_estimators_need_several_samples_per_prompt(
         stage(tiny_models, DualAscent(), advantage=estimator, generation=GenerationArgs(num_return_sequences=1))
 
 
+def test_critic_dirs_without_critics_are_refused(tiny_models: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="model.reward_critic: LeaveOneOut uses no critics"):
+        stage(
+            tiny_models,
+            DualAscent(),
+            advantage=LeaveOneOut(),
+            generation=GenerationArgs(num_return_sequences=2),
+            reward_critic=str(tiny_models["reward"]),
+        )
+
+
 @pytest.mark.parametrize(("field", "value"), [("kl_penalty", "both"), ("loss_aggregation", "sum")])
 def test_unknown_kl_or_aggregation_option_is_refused(field: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"{field}: expected"):
