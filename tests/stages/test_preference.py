@@ -191,3 +191,20 @@ def test_the_offline_pipeline_links_existing_configs_and_exports() -> None:
         assert set(stage.get("inputs", {}).values()) <= set(names[:index]), stage["name"]  # earlier stages only
     assert set(pipeline["evaluation"]["policies"]) <= set(names)
     assert {"ppo_lag", "bfpo"} <= set(pipeline["evaluation"]["policies"])
+
+
+@pytest.mark.parametrize(
+    ("config", "objective"),
+    [("sacpo_safe", "KTO"), ("dpo", "IPO")],
+)
+def test_objectives_swap_from_the_command_line(
+    config: str, objective: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    swap = [f"--model.init_args.objective={objective}", "--model.init_args.objective.init_args.beta=0.025"]
+    if objective == "IPO":
+        swap[1] = "--model.init_args.objective.init_args.tau=0.1"
+    out = fit(f"tiny/offline/{config}.yaml", tmp_path, *overrides(config, tiny_models), *swap)
+    assert json.loads((out / "objective.json").read_text())["objective"] == objective
+    losses = [float(row["train/loss"]) for row in metrics(tmp_path) if row.get("train/loss")]
+    assert len(losses) == 3
+    assert all(math.isfinite(loss) for loss in losses)
