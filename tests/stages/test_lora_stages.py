@@ -53,6 +53,40 @@ def test_lora_sft_trains_adapters_only_and_exports_a_merged_model(tiny_models: d
     assert len(optimizer["state"]) == len(checkpoint["state_dict"])  # Adam moments of the adapters only
 
 
+def test_lora_checkpoint_exports_with_the_export_command(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from lit_saferlhf.cli import main
+
+    export = sft_lora(tiny_models, tmp_path / "run", "--trainer.max_epochs=1")
+    out = tmp_path / "exported"
+    fit_args = ["--config", str(tmp_path / "run" / "sft.yaml"), "--config", str(CONFIGS / "peft/lora.yaml")]
+    main(["export", *fit_args, f"--ckpt_path={only_checkpoint(tmp_path / 'run')}", f"--out={out}"])
+    expected, found = load_file(export / "model.safetensors"), load_file(out / "model.safetensors")
+    assert found.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(found[name], expected[name]), name
+
+
+@pytest.mark.parametrize(
+    ("stage", "fragment", "key"),
+    [("sft", "lora.yaml", "model.init_args.model.lora"), ("reward", "lora.yaml", "model.init_args.model.lora"),
+     ("cost", "lora.yaml", "model.init_args.model.lora"), ("ppo_lag", "lora_ppo.yaml", "model.init_args.lora")],
+)  # fmt: skip
+def test_lora_fragments_compose_with_their_stages(
+    stage: str, fragment: str, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lit_saferlhf.cli import cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", f"--config={CONFIGS / 'tiny' / f'{stage}.yaml'}", f"--config={CONFIGS / 'peft' / fragment}",
+                  "--print_config"])  # fmt: skip
+    assert exit_info.value.code == 0
+    node = yaml.safe_load(capsys.readouterr().out)
+    for part in key.split("."):
+        node = node[part]
+    assert node["r"] == 16
+    assert node["target_modules"] == "all-linear"
+
+
 def test_lora_sft_resumes_exactly(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     # A constant lr: a cosine schedule would depend on max_epochs, which the first half sets lower.
     flat = ["--model.init_args.optimizer.schedule=constant", "--model.init_args.optimizer.warmup_ratio=0.0"]
