@@ -711,15 +711,17 @@ def chunked_token_logprobs(
     bias: Tensor | None = None,
     chunk_size: int = 1024,
     logit_softcap: float | None = None,
+    recompute: bool = True,
 ) -> Tensor:
     """Log-probabilities of ``tokens`` under the output layer, computed from hidden states a chunk at a time.
 
     ``log_softmax(h W^T + b)[token] = z[token] - logsumexp(z)`` with ``z = h W^T + b`` (optionally
     ``cap·tanh(z / cap)``, Gemma 2's soft cap), for at most ``chunk_size`` positions at once: only one
-    chunk's ``(chunk_size, V)`` logits ever exist instead of ``(B, L, V)``. With gradients, each chunk
-    is checkpointed (its logits are recomputed in backward, one chunk at a time), so backward holds no
-    logits either. Logits are taken in at least float32; equal to :func:`gather_logprobs` of the full
-    logits up to rounding.
+    chunk's ``(chunk_size, V)`` logits ever exist instead of ``(B, L, V)``. With gradients and
+    ``recompute``, each chunk is checkpointed (its logits are recomputed in backward, one chunk at a
+    time), so backward holds no logits either; without it, autograd keeps every chunk's logits (the
+    memory of the full logits, one matmul less). Logits are taken in at least float32; equal to
+    :func:`gather_logprobs` of the full logits up to rounding.
 
     Args:
         hidden: Last hidden states (after the final norm), ``(B, L, H)``.
@@ -728,6 +730,7 @@ def chunked_token_logprobs(
         bias: Output-layer bias, ``(V,)``, or None.
         chunk_size: Positions per chunk.
         logit_softcap: Soft cap of the logits (``final_logit_softcapping``), or None.
+        recompute: Checkpoint each chunk when gradients are needed (backward keeps no logits).
 
     Returns:
         Log-probabilities, ``(B, L)``, float32 (float64 for float64 inputs).
@@ -736,7 +739,7 @@ def chunked_token_logprobs(
     pieces = []
     for start in range(0, flat_tokens.shape[0], chunk_size):
         chunk = (flat_hidden[start : start + chunk_size], weight, bias, flat_tokens[start : start + chunk_size])
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        if recompute and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             pieces.append(checkpoint(_chunk_logprobs, *chunk, logit_softcap, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(*chunk, logit_softcap))

@@ -418,12 +418,18 @@ def response_mask(responses: Tensor, eos_id: int) -> Tensor:
     return eos_before == 0
 
 
+KEEP_LOGITS_BYTES = 256 * 2**20
+"""Largest float32 response logits ``(N, A, V)`` that backward may keep (else it recomputes them per chunk)."""
+
+
 def response_logprobs(model: Any, sequences: Tensor, attention: Tensor, start: int, chunk_size: int = 1024) -> Tensor:
     """Log-probs of the response tokens ``sequences[:, start:]`` under a causal LM, ``(N, A)``.
 
     From the decoder's last hidden states through :func:`~lit_saferlhf.losses.chunked_token_logprobs`:
     the output layer runs on the response positions only, ``chunk_size`` positions at a time, so the
-    ``(N, L, V)`` logits never exist (nor are they kept for backward). Where the output layer's weights
+    ``(N, L, V)`` logits never exist; backward recomputes each chunk's logits instead of keeping them
+    when the response logits would take more than ``KEEP_LOGITS_BYTES`` (below that, keeping them
+    saves one output-layer matmul). Where the output layer's weights
     are not plain local tensors (FSDP2, FSDP1, ZeRO-3: the wrapper gathers them in the model's own
     forward) or the model transforms its logits beyond a soft cap, the same numbers come from the
     model's full logits instead.
@@ -444,8 +450,9 @@ def response_logprobs(model: Any, sequences: Tensor, attention: Tensor, start: i
         return gather_logprobs(logits[:, start - 1 : -1], sequences[:, start:])
     hidden = model.get_decoder()(input_ids=sequences, attention_mask=attention, position_ids=positions)[0]
     softcap = getattr(config, "final_logit_softcapping", None)
+    recompute = sequences[:, start:].numel() * head.weight.shape[0] * 4 > KEEP_LOGITS_BYTES  # float32 logits
     return chunked_token_logprobs(
-        hidden[:, start - 1 : -1], head.weight, sequences[:, start:], head.bias, chunk_size, softcap
+        hidden[:, start - 1 : -1], head.weight, sequences[:, start:], head.bias, chunk_size, softcap, recompute
     )
 
 

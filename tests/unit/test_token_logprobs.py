@@ -27,13 +27,14 @@ def plain(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tokens
     return gather_logprobs(F.linear(hidden, weight, bias), tokens)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("chunk_size", [1, 4, 21, 1000])
-def test_equal_to_the_full_logits_with_gradients_in_float64(chunk_size: int) -> None:
+def test_equal_to_the_full_logits_with_gradients_in_float64(chunk_size: int, recompute: bool) -> None:
     hidden, weight, bias, tokens = inputs(torch.float64)
     upstream = torch.randn(3, 7, dtype=torch.float64)
     expected = plain(hidden, weight, bias, tokens)
     expected_grads = torch.autograd.grad((expected * upstream).sum(), (hidden, weight, bias))
-    got = chunked_token_logprobs(hidden, weight, tokens, bias, chunk_size=chunk_size)
+    got = chunked_token_logprobs(hidden, weight, tokens, bias, chunk_size=chunk_size, recompute=recompute)
     grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight, bias))
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
@@ -72,7 +73,11 @@ def test_backward_keeps_no_logits() -> None:
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_response_logprobs_of_a_model_equal_its_full_logits(model_type: str) -> None:
+@pytest.mark.parametrize("keep_bytes", [0, 2**30])  # backward recomputes the logits / keeps them
+def test_response_logprobs_of_a_model_equal_its_full_logits(
+    model_type: str, keep_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lit_saferlhf.rollout.KEEP_LOGITS_BYTES", keep_bytes)
     model, (ids, mask) = tiny_lm(model_type).double(), left_padded_prompts()
     sequences = torch.cat([ids, torch.randint(3, 97, (5, 6))], dim=1)
     attention = torch.cat([mask, torch.ones(5, 6, dtype=torch.long)], dim=1)
