@@ -17,7 +17,7 @@ from lit_saferlhf.solvers import ConstraintSolver
 from lit_saferlhf.stages import PPOArgs, PPOLagrangian
 from lit_saferlhf_plugins.advantages import GroupNormalized, LeaveOneOut
 from lit_saferlhf_plugins.solvers import DualAscent, FixedPenalty
-from tests.helpers import column, fit, metrics
+from tests.helpers import CONFIGS, column, fit, metrics
 
 CRITIC_FREE = ["tiny/grpo_lag.yaml", "tiny/rloo_lag.yaml"]
 """The critic-free configs; their tests sample 2 prompts x 4 responses per rollout."""
@@ -190,6 +190,21 @@ def test_estimator_swaps_from_the_command_line(
     config = (tmp_path / "logs" / "version_0" / "config.yaml").read_text()
     assert "class_path: lit_saferlhf_plugins.advantages." in config
     assert "loss/reward_critic" not in metrics(tmp_path)[0]
+
+
+def test_plain_grpo_is_fixed_penalty_zero_without_a_cost_model(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    export = fit(
+        CRITIC_FREE[0],
+        tmp_path,
+        f"--model.init_args.policy={tiny_models['sft']}",
+        f"--model.init_args.reward_model={tiny_models['reward']}",
+        "--model.init_args.cost_model=null",
+        f"--config={CONFIGS / 'solvers' / 'ppo.yaml'}",
+        "--trainer.limit_train_batches=2",
+        "--data.init_args.batch_size=2",
+    )
+    assert multipliers(export) == [0.0, 0.0]
+    assert column(metrics(tmp_path), "loss/actor")
 
 
 def test_critic_free_run_holds_four_networks_and_saves_no_critic(

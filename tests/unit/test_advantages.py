@@ -169,3 +169,12 @@ def test_token_mean_weighs_long_responses_more_in_the_actor_loss() -> None:
     )
     assert sequence.item() == pytest.approx(0.0)  # (mean 1 + mean -1) / 2
     assert token.item() == pytest.approx(-(3 - 1) / 4)
+
+
+def test_constrained_grpo_dual_step_is_linear_dual_ascent() -> None:
+    """METHODS.md §6.2: violation rate 0.5, d = 0.1, η = 0.1, λ = 0.5 -> 0.54; the solvers are unchanged."""
+    from lit_saferlhf_plugins.solvers import DualAscent
+
+    solver = DualAscent(cost_limit=0.1, lr=0.1, init_multiplier=0.5, linear=True)
+    solver.update(0.5)
+    assert solver.multiplier == pytest.approx(0.54)
