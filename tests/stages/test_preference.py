@@ -208,3 +208,16 @@ def test_objectives_swap_from_the_command_line(
     losses = [float(row["train/loss"]) for row in metrics(tmp_path) if row.get("train/loss")]
     assert len(losses) == 3
     assert all(math.isfinite(loss) for loss in losses)
+
+
+def test_bfpo_trains_on_real_pku_saferlhf_pairs(
+    tiny_models: dict[str, Path], shared_data: Path, tmp_path: Path
+) -> None:
+    """Both labels of real PKU-SafeRLHF rows reach the objective (the tokenizer is the safety world's: a smoke run)."""
+    sample = shared_data / "pku_saferlhf" / "sample32.json"
+    args = [*overrides("bfpo", tiny_models), f"--data.init_args.path={sample}", "--data.init_args.val_path=null"]
+    fit("tiny/offline/bfpo.yaml", tmp_path, *args)
+    rows = metrics(tmp_path)
+    targets = [float(row["train/objective/target"]) for row in rows if row.get("train/objective/target")]
+    assert len(targets) == 3
+    assert all(-1.0 <= target <= 1.0 for target in targets)
