@@ -105,6 +105,8 @@ class Layout:
     @property
     def end_token(self) -> EndToken:
         """Where the end score is read: the last attended token, or transformers' last non-padding token."""
+        if self.kind == "lit-saferlhf":
+            return (self.side or {}).get("end_token", "attention_mask")
         return "last_non_pad" if self.kind == "sequence-classification" else "attention_mask"
 
     def describe(self) -> str:

@@ -209,7 +209,8 @@ class ScoreModel(nn.Module):
         if source.lora is not None:  # adapters on the backbone only: the head always trains
             backbone = apply_lora(backbone, source.lora, None, source.gradient_checkpointing)
         end_token = "attention_mask" if layout is None else layout.end_token
-        pad_token_id = (layout.config.get("pad_token_id") if layout else None) or tokenizer.pad_token_id
+        pad_token_id = layout.config.get("pad_token_id") if layout is not None else None  # the checkpoint's own
+        pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         model = cls(backbone, None, head is not None and head.bias is not None, end_token, pad_token_id)
         if head is not None:
             model.load_head(head)
@@ -298,6 +299,8 @@ class ScoreModel(nn.Module):
         bias = float(state["score_head.bias"].double() * scale + shift) if "score_head.bias" in state else shift
         config = copy.deepcopy(network.config)
         config.architectures, config.num_labels = [classifier.__name__], 1
+        if self.pad_token_id is not None:  # transformers' end token: the last one that is not this id
+            config.pad_token_id = self.pad_token_id
         with torch.device("meta"):
             shell = classifier._from_config(config, dtype=network.dtype)
         backbone = backbone if backbone is not None else {k: v.detach() for k, v in network.state_dict().items()}

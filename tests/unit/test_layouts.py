@@ -107,6 +107,11 @@ def test_sequence_classifier_end_token_is_the_last_non_padding_token(tmp_path: P
         output = model(ids, mask)
     torch.testing.assert_close(output.end_scores, library(input_ids=ids, attention_mask=mask).logits.squeeze(-1))
     torch.testing.assert_close(output.end_scores, output.scores[[0, 1], [2, 3]])
+    # Trained on (a reward stage continuing it) and saved in our format, it keeps transformers' end token.
+    again = ours(model.save_pretrained(tmp_path / "again", load_tokenizer(ModelSource(path=str(tmp_path / "rm")))))
+    assert again.end_token == "last_non_pad"
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, mask).end_scores, output.end_scores)
 
 
 def test_sequence_classifier_head_bias_is_loaded_when_the_checkpoint_has_one(tmp_path: Path) -> None:
