@@ -25,6 +25,8 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
 from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, chain, expected_error
 from lit_saferlhf.parsing import cli_main, configure_parsing
 
@@ -137,6 +139,9 @@ def error_message(error: Exception) -> str | None:
     ours = expected_error(error)
     if ours is not None:
         return str(ours)
+    misconfigured = next((linked for linked in chain(error) if isinstance(linked, MisconfigurationException)), None)
+    if misconfigured is not None:  # Lightning's own word for settings that do not go together
+        return " ".join(str(misconfigured).split())
     if isinstance(error, argparse.ArgumentError):
         return f"{short_parse_error(error)} (`--help` after the command lists the options)"
     return None
