@@ -221,3 +221,53 @@ def test_bfpo_trains_on_real_pku_saferlhf_pairs(
     targets = [float(row["train/objective/target"]) for row in rows if row.get("train/objective/target")]
     assert len(targets) == 3
     assert all(-1.0 <= target <= 1.0 for target in targets)
+
+
+def test_cached_reference_log_probs_match_a_fresh_forward(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from lit_saferlhf.parsing import cli_main
+    from lit_saferlhf.stages.preference import summed_logprobs
+
+    args = [a for a in overrides("dpo", tiny_models) if "max_steps" not in a and "limit=" not in a]
+    cli = cli_main(["fit", f"--config={CONFIGS / 'tiny/offline/dpo.yaml'}", *args, "--data.init_args.limit=16",
+                    "--trainer.max_epochs=2", "--model.init_args.cache_reference=true",
+                    f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                    f"--model.init_args.export_dir={tmp_path / 'model'}",
+                    "--trainer.enable_progress_bar=false"])  # fmt: skip
+    module, data = cli.model, cli.datamodule
+    assert sorted(module.reference_cache) == list(range(len(data.train_set)))
+    batch = data.collate(data.train_set[:4])
+    fresh = summed_logprobs(
+        module.reference, batch["input_ids"], batch["attention_mask"], batch["response_mask"][:, 1:]
+    )
+    cached = torch.cat([module.reference_cache[i] for i in range(4)])
+    assert torch.allclose(fresh, cached, atol=1e-5)
+
+
+def test_the_objective_state_round_trips_through_a_checkpoint(tiny_models: dict[str, Path]) -> None:
+    from lit_saferlhf.stages import PreferenceOptimization, ScoreSource
+    from lit_saferlhf_plugins.objectives import CDPO
+    from lit_saferlhf_plugins.solvers import DualAscent
+
+    def stage() -> PreferenceOptimization:
+        objective = CDPO(DualAscent(cost_limit=-5.0, lr=0.5, init_multiplier=1.0, linear=True))
+        sources = {"reward_model": ScoreSource(str(tiny_models["reward"])),
+                   "cost_model": ScoreSource(str(tiny_models["cost"]))}  # fmt: skip
+        return PreferenceOptimization(str(tiny_models["sft"]), objective, **sources)
+
+    trained = stage()
+    trained.objective.solver.update(-3.0)  # λ = 1 + 0.5 · 2 = 2
+    checkpoint: dict = {}
+    trained.on_save_checkpoint(checkpoint)
+    resumed = stage()
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.objective.multiplier == pytest.approx(2.0)
+    assert resumed.objective.solver.num_updates == 1
+
+
+def test_objectives_needing_scores_stop_without_a_score_source(tiny_models: dict[str, Path]) -> None:
+    from lit_saferlhf.errors import ConfigError
+    from lit_saferlhf.stages import PreferenceOptimization
+    from lit_saferlhf_plugins.objectives import MoCAN
+
+    with pytest.raises(ConfigError, match="reward_model"):
+        PreferenceOptimization(str(tiny_models["sft"]), MoCAN())
