@@ -263,6 +263,7 @@ def console_script(args: list[str], tmp_path: Path, **env: str) -> subprocess.Co
     return subprocess.run([*command, *args], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and Lightning (~5 s, more on a busy machine)
 def test_the_console_script_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     config = stage_config(tmp_path, "sft", write_jsonl(tmp_path / "rows.jsonl", [ROW, {"prompt": "", "response": "x"}]))
     result = console_script(["fit", f"--config={config}"], tmp_path)
@@ -273,6 +274,7 @@ def test_the_console_script_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and Lightning (~5 s, more on a busy machine)
 def test_the_console_script_shows_the_traceback_when_asked(tmp_path: Path) -> None:
     config = stage_config(tmp_path, "sft", write_jsonl(tmp_path / "rows.jsonl", [ROW]))
     result = console_script(["fit", f"--config={config}", "--model.init_args.optimizer.lr=-1"], tmp_path,
