@@ -9,7 +9,7 @@ Three ways to sample the same batch (temperature 1, top-k 50, top-p 1, the stage
 Repetitions are interleaved (A B C A B C ...) after one untimed warm-up call each (compilation), and
 the table reports medians. Tokens/s counts the generated columns times the rows::
 
-    OMP_NUM_THREADS=1 python benchmarks/rollout.py --device cpu --out benchmarks/results/rollout_cpu.md
+    OMP_NUM_THREADS=1 python benchmarks/rollout.py --device cpu --compiled-row --out benchmarks/results/rollout_cpu.md
     python benchmarks/rollout.py --device cuda --out benchmarks/results/rollout_cuda.md
 
 CPU shape: hidden 256, 4 layers, 4 heads, MLP 688, GPT-2's vocabulary (50,258), untied output layer
@@ -55,22 +55,27 @@ def build_model(shape: dict, device: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(device=device, dtype=shape["dtype"]).eval()
 
 
-def backends(args: GenerationArgs) -> dict:
+def backends(args: GenerationArgs, compiled_row: bool) -> dict:
     """Name -> function(model, ids, mask) -> sequences."""
-    ours = StaticCacheGenerate()
+    ours, compiled = StaticCacheGenerate(), StaticCacheGenerate(compile=True)
 
     def hf_static(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=args.max_new_tokens,
                               top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, eos_token_id=EOS,
                               pad_token_id=PAD, cache_implementation="static")  # fmt: skip
 
-    return {
+    runs = {
         "HFGenerate (dynamic cache)": lambda model, ids, mask: HFGenerate(synced_gpus=False).generate(
             model, ids, mask, args, EOS, PAD
         ),
         "HF generate, static cache": hf_static,
         "StaticCacheGenerate": lambda model, ids, mask: ours.generate(model, ids, mask, args, EOS, PAD),
     }
+    if compiled_row:
+        runs["StaticCacheGenerate, compile=True"] = lambda model, ids, mask: compiled.generate(
+            model, ids, mask, args, EOS, PAD
+        )
+    return runs
 
 
 def timed(function, model, ids, mask, device: str) -> tuple[float, int]:
@@ -101,6 +106,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per backend (interleaved)")
     parser.add_argument("--batch", type=int, help="override the shape's prompt batch")
+    parser.add_argument("--compiled-row", action="store_true", help="on CPU, also time compile=True (CUDA: default)")
     parser.add_argument("--out", type=Path, help="also write the table here")
     options = parser.parse_args()
     shape = SHAPES[options.device]
@@ -112,7 +118,7 @@ def main() -> None:
     mask[: batch // 2, : shape["prompt"] // 4] = 0  # half the prompts are a quarter shorter (left-padded)
     ids = ids.masked_fill(mask == 0, PAD)
     args = GenerationArgs(max_new_tokens=shape["new_tokens"], temperature=1.0, top_k=50, top_p=1.0)
-    runs = backends(args)
+    runs = backends(args, options.compiled_row and options.device == "cpu")
     times: dict[str, list[float]] = {name: [] for name in runs}
     tokens: dict[str, list[int]] = {name: [] for name in runs}
     for function in runs.values():  # warm-up: compilation, allocator
