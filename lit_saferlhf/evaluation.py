@@ -274,7 +274,8 @@ def score_texts(
 ) -> list[float]:
     """End scores of ``prompt + response + EOS`` under the score model saved in ``score_model_dir``.
 
-    Each text is templated and tokenised as in training (:meth:`Encoder.encode`, right-truncated to
+    Each text is templated with the template the score model recorded (else Safe RLHF's) and tokenised
+    as in training (:meth:`Encoder.encode`, right-truncated to
     ``max_length``) and right-padded in batches of similar length; the model runs in eval mode
     without gradients and is freed afterwards.
 
@@ -292,7 +293,7 @@ def score_texts(
     source = ModelSource(path=score_model_dir)
     tokenizer = load_tokenizer(source)
     model = ScoreModel.from_source(source, tokenizer, role="score model").to(device()).eval()
-    encoder = Encoder(tokenizer, SafeRLHFTemplate(), max_length)
+    encoder = Encoder(tokenizer, recorded_template(score_model_dir) or SafeRLHFTemplate(), max_length)
     conversations = [user_prompt(p) if isinstance(p, str) else p for p in prompts]
     rows = [encoder.encode(c, r).input_ids for c, r in zip(conversations, responses, strict=True)]
 

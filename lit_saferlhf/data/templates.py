@@ -69,6 +69,8 @@ class ChatTemplate(Template):
 
 POLICY_FILE = "lit_saferlhf.json"
 """Side file of a policy export: ``{"template": {"class_path": ..., "init_args": {...}}}``."""
+SCORE_MODEL_FILE = "score_model.json"
+"""A score model's side file (``models.layouts.SIDE_FILE``), which records its template the same way."""
 
 
 def template_record(template: Template) -> dict[str, Any]:
@@ -102,12 +104,16 @@ def policy_files(template: Template | None) -> dict[str, str]:
 
 
 def recorded_template(model_dir: str | Path) -> Template | None:
-    """The template the policy in ``model_dir`` was trained with, from its side file (None: not recorded)."""
-    path = Path(model_dir) / POLICY_FILE
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text()).get("template")
-    return None if record is None else template_from_record(record, str(path))
+    """The template the model in ``model_dir`` was trained with (None: not recorded).
+
+    Policies record it in ``lit_saferlhf.json``, score models in ``score_model.json`` (key ``template``).
+    """
+    for name in (POLICY_FILE, SCORE_MODEL_FILE):
+        path = Path(model_dir) / name
+        record = json.loads(path.read_text()).get("template") if path.is_file() else None
+        if record is not None:
+            return template_from_record(record, str(path))
+    return None
 
 
 def trained_template(module: Any) -> Template | None:

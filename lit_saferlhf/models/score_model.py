@@ -235,6 +235,7 @@ class ScoreModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         state_dict: dict[str, Tensor] | None = None,
         score_type: str | None = None,
+        template: dict[str, Any] | None = None,
     ) -> Path:
         """Write the backbone, tokenizer, head and normaliser as one dir, atomically.
 
@@ -253,6 +254,8 @@ class ScoreModel(nn.Module):
             tokenizer: Saved beside the weights.
             state_dict: This module's keys: the gathered state of a sharded model (None: live weights).
             score_type: ``reward`` or ``cost`` (recorded in the side file; None: unknown).
+            template: The template the model was trained with, as ``data.templates.template_record`` gives it
+                (recorded in the side file; evaluation scores with it).
         """
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +271,8 @@ class ScoreModel(nn.Module):
         else:
             side = self._write_classifier(staging, network, classifier, backbone, state)
         side = {"format": "lit-saferlhf score model", **side, "score_type": score_type}
+        if template is not None:
+            side["template"] = template
         if score_type == "cost":
             side["cost_sign"] = "cost <= 0 means safe (the sign terms of the cost loss)"
         (staging / META_FILE).write_text(json.dumps(side, indent=2))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lit_saferlhf.data.templates import load_template, save_template, template_record, trained_template
 from lit_saferlhf.losses import reward_loss, tokenwise_reward_loss
 from lit_saferlhf.models.causal_lm import ModelSource, load_tokenizer
 from lit_saferlhf.models.lora import drop_frozen, restore_frozen
@@ -142,12 +143,14 @@ class ScoreModelStage(L.LightningModule, ABC):
         self.log_dict(self.val_metrics.compute_and_reset("test"))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With LoRA, only the trainable tensors: the frozen base is rebuilt from its dir."""
+        """With LoRA, only the trainable tensors: the frozen base is rebuilt from its dir. Keeps the template."""
         drop_frozen(checkpoint, self)
+        save_template(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With LoRA, the frozen base comes from its dir, not the checkpoint."""
+        """With LoRA, the frozen base comes from its dir, not the checkpoint. Restores the template."""
         restore_frozen(checkpoint, self)
+        load_template(self, checkpoint)
 
     def on_train_end(self) -> None:
         """Export the score model (backbone, head, normaliser, tokenizer)."""
@@ -162,7 +165,11 @@ class ScoreModelStage(L.LightningModule, ABC):
             out: The dir to write (replaced atomically if it exists).
             state_dict: The score model's gathered full state when it is sharded; None writes the live weights.
         """
-        return self.model.save_pretrained(out, self.tokenizer, state_dict=state_dict, score_type=self.score_type)
+        template = trained_template(self)
+        record = None if template is None else template_record(template)
+        return self.model.save_pretrained(
+            out, self.tokenizer, state_dict=state_dict, score_type=self.score_type, template=record
+        )
 
     def configure_optimizers(self) -> dict:
         """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""

@@ -171,7 +171,7 @@ def test_scores_do_not_depend_on_batching(models: dict[str, str]) -> None:
 def test_clear_errors_before_any_generation(models: dict[str, str], tmp_path: Path, question_csv: Path) -> None:
     base = {"reward_model": models["reward"], "cost_model": models["cost"], "out_dir": str(tmp_path / "eval")}
     sets = ["safety-world:prompts-eval"]
-    with pytest.raises(FileNotFoundError, match="policy 'ghost'"):
+    with pytest.raises(FileNotFoundError, match="policies.ghost"):
         evaluate({"sft": models["sft"], "ghost": str(tmp_path / "nope")}, prompt_sets=sets, **base)
     with pytest.raises(ValueError, match=r"cost_model: .* without a score head; .* layouts \['lit-saferlhf"):
         evaluate({"sft": models["sft"]}, prompt_sets=sets, **{**base, "cost_model": models["sft"]})
@@ -311,9 +311,21 @@ def test_prompt_data_takes_the_stages_default_template_unless_set(tmp_path: Path
     assert lengths["USER: USER:"] == lengths["USER:"] + 2  # the prompts were rendered with that template
 
 
-def test_the_sft_export_records_its_template(tiny_models: dict[str, Path]) -> None:
+def test_the_stage_exports_record_their_template(tiny_models: dict[str, Path]) -> None:
     from lit_saferlhf.data.templates import SafeRLHFTemplate, recorded_template
 
-    template = recorded_template(tiny_models["sft"])
-    assert isinstance(template, SafeRLHFTemplate)
-    assert template.system_prefix == "BEGINNING OF CONVERSATION:"
+    for name in ("sft", "reward", "cost"):
+        template = recorded_template(tiny_models[name])
+        assert isinstance(template, SafeRLHFTemplate), name
+        assert template.system_prefix == "BEGINNING OF CONVERSATION:"
+
+
+def test_scoring_uses_the_template_the_score_model_recorded(tmp_path: Path) -> None:
+    from lit_saferlhf.data.templates import ChatTemplate, template_record
+
+    source = ModelSource(config=TINY, tokenizer="safety-world")
+    tokenizer = load_tokenizer(source)
+    model = ScoreModel.from_source(source, tokenizer)
+    out = model.save_pretrained(tmp_path / "rm", tokenizer, template=template_record(ChatTemplate()))
+    with pytest.raises(ValueError, match="no chat template"):  # the safety-world tokenizer has none
+        score_texts(str(out), ["how do i bake bread"], ["mix flour"], batch_size=1, max_length=32)
