@@ -128,9 +128,9 @@ def group_normalized_advantages(scores: Tensor, group_size: int, eps: float = 1e
         Advantages, ``(N,)``, in the dtype of ``scores`` (at least float32).
     """
     groups = _groups(scores.detach().to(torch.promote_types(scores.dtype, torch.float32)), group_size)
-    centred = groups - groups.mean(-1, keepdim=True)
     if group_size == 1:
         return torch.zeros_like(groups).reshape(-1)
+    centred = groups - groups.mean(-1, keepdim=True)
     std = groups.std(-1, correction=1 if unbiased else 0, keepdim=True)
     constant = groups.amax(-1, keepdim=True) == groups.amin(-1, keepdim=True)  # rounding must not give ±1
     advantages = torch.where(constant, torch.zeros_like(groups), centred / (std + eps))
