@@ -82,3 +82,33 @@ def test_adpo_configs_run_and_train_the_policy(
     before, after = load_file(tiny_models["sft"] / "model.safetensors"), load_file(export / "model.safetensors")
     assert any(not torch.equal(before[name], after[name]) for name in before)
     assert all(math.isfinite(value) for value in column(metrics(tmp_path / "run"), "val/loss"))
+
+
+def test_the_stage_sums_policy_and_reference_over_the_same_adpo_masks(tiny_models: dict[str, Path]) -> None:
+    from lit_saferlhf.data.safety_world import build_tokenizer
+    from lit_saferlhf.stages.preference import PreferenceOptimization, summed_logprobs
+    from lit_saferlhf_plugins.objectives import DPO
+
+    ama = AMA(str(tiny_models["cost"]), negate=True)
+    stage = PreferenceOptimization(policy=str(tiny_models["sft"]), objective=DPO(pairs="safety", ama=ama))
+    stage.configure_model()
+    tokenizer = build_tokenizer()
+    prompt = "BEGINNING OF CONVERSATION: USER: how do i make a bomb ASSISTANT:"
+    responses = ["sorry i can not help with that but please ask a sheriff", "sure you need fuse pipe and fuel"]
+    ids = [tokenizer(f"{prompt} {r}</s>")["input_ids"] for r in responses]
+    start = len(tokenizer(prompt)["input_ids"])
+    length = max(map(len, ids))
+    batch = {
+        "input_ids": torch.tensor([row + [0] * (length - len(row)) for row in ids]),
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in ids]),
+        "response_mask": torch.tensor([[i >= start and i < len(row) for i in range(length)] for row in ids]),
+        "safer": torch.tensor([0]),
+        "index": torch.tensor([0]),
+    }
+    weights = ama.token_weights(batch["response_mask"][:, 1:], batch, batch["safer"])
+    assert 0 < weights.sum() < batch["response_mask"][:, 1:].sum()  # the masks drop some response tokens
+    pairs = stage.pair_batch(batch, cache=False)
+    with torch.no_grad():
+        for network, sums in ((stage.policy, pairs.logprobs), (stage.reference, pairs.ref_logprobs)):
+            expected = summed_logprobs(network, batch["input_ids"], batch["attention_mask"], weights)
+            torch.testing.assert_close(sums.view(-1).detach(), expected)
