@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.solvers import ConstraintSolver
 
 LOG_MULTIPLIER_BOUND = 700.0
@@ -103,15 +104,18 @@ class DualAscent(ConstraintSolver):
 def _validate(lr: float, init: float, cap: float | None, update_delay: int, linear: bool) -> None:
     """Reject settings the update rule cannot honour, naming the offending field."""
     if not lr > 0.0:
-        raise ValueError(f"DualAscent: `lr` must be > 0, got {lr}")
+        raise ConfigError("model.init_args.solver", f"DualAscent: `lr` must be > 0, got {lr}")
     if linear and not init >= 0.0:
-        raise ValueError(f"DualAscent: `init_multiplier` must be >= 0, got {init}")
+        raise ConfigError("model.init_args.solver", f"DualAscent: `init_multiplier` must be >= 0, got {init}")
     if not linear and not init > 0.0:
-        raise ValueError(
+        raise ConfigError(
+            "model.init_args.solver",
             f"DualAscent: `init_multiplier` must be > 0 for the log-space update (ln 0 is undefined), got {init}; "
-            "use a small positive value or `linear: true`"
+            "use a small positive value or `linear: true`",
         )
     if cap is not None and not cap >= init:
-        raise ValueError(f"DualAscent: `max_multiplier` ({cap}) must be >= `init_multiplier` ({init})")
+        raise ConfigError(
+            "model.init_args.solver", f"DualAscent: `max_multiplier` ({cap}) must be >= `init_multiplier` ({init})"
+        )
     if update_delay < 0:
-        raise ValueError(f"DualAscent: `update_delay` must be >= 0, got {update_delay}")
+        raise ConfigError("model.init_args.solver", f"DualAscent: `update_delay` must be >= 0, got {update_delay}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.solvers import ConstraintSolver
 
 
@@ -29,7 +30,7 @@ class FixedPenalty(ConstraintSolver):
 
     def __init__(self, multiplier: float = 0.0, cost_limit: float = 0.0) -> None:
         if not multiplier >= 0.0:
-            raise ValueError(f"FixedPenalty: `multiplier` must be >= 0, got {multiplier}")
+            raise ConfigError("model.init_args.solver", f"FixedPenalty: `multiplier` must be >= 0, got {multiplier}")
         super().__init__(cost_limit=cost_limit, init_multiplier=multiplier)
 
     @property

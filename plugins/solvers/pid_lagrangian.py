@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.solvers import ConstraintSolver
 
 
@@ -129,15 +130,17 @@ def _validate_gains(**values: float) -> None:
     """Gains and starting values must be >= 0; the error names the field."""
     for name, value in values.items():
         if not value >= 0.0:
-            raise ValueError(f"PIDLagrangian: `{name}` must be >= 0, got {value}")
+            raise ConfigError("model.init_args.solver", f"PIDLagrangian: `{name}` must be >= 0, got {value}")
 
 
 def _validate_filters(init: float, cap: float | None, delay: int, ema_p: float, ema_d: float) -> None:
     """The cap, the derivative delay and the EMA coefficients must be usable."""
     if cap is not None and not cap >= init:
-        raise ValueError(f"PIDLagrangian: `max_multiplier` ({cap}) must be >= `init_multiplier` ({init})")
+        raise ConfigError(
+            "model.init_args.solver", f"PIDLagrangian: `max_multiplier` ({cap}) must be >= `init_multiplier` ({init})"
+        )
     if delay < 1:
-        raise ValueError(f"PIDLagrangian: `derivative_delay` must be >= 1, got {delay}")
+        raise ConfigError("model.init_args.solver", f"PIDLagrangian: `derivative_delay` must be >= 1, got {delay}")
     for name, value in (("proportional_ema", ema_p), ("derivative_ema", ema_d)):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"PIDLagrangian: `{name}` must be in [0, 1), got {value}")
+            raise ConfigError("model.init_args.solver", f"PIDLagrangian: `{name}` must be in [0, 1), got {value}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,22 @@ def test_a_ppo_setting_out_of_its_domain(flag: str, key: str, capsys) -> None:
     # Checked when the settings are built, before the stage looks at its model dirs (absent in CI).
     line = fit_error(CONFIGS / "tiny" / "ppo_lag.yaml", capsys, flag)
     assert_names(line, f"error: {key}: expected")
+
+
+SOLVERS = [
+    ("DualAscent", {"cost_limit": 0.0, "lr": -1.0}, "`lr` must be > 0"),
+    ("DualAscent", {"cost_limit": 0.0, "init_multiplier": -1.0, "linear": True}, "`init_multiplier` must be >= 0"),
+    ("PIDLagrangian", {"cost_limit": 0.0, "kp": -1.0}, "`kp` must be >= 0"),
+    ("PIDLagrangian", {"cost_limit": 0.0, "derivative_delay": 0}, "`derivative_delay` must be >= 1"),
+    ("FixedPenalty", {"multiplier": -1.0}, "`multiplier` must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("solver", "settings", "part"), SOLVERS, ids=[case[2].split("`")[1] for case in SOLVERS])
+def test_a_solver_setting_out_of_its_domain(solver: str, settings: dict, part: str, capsys) -> None:
+    value = json.dumps({"class_path": f"lit_saferlhf_plugins.solvers.{solver}", "init_args": settings})
+    line = fit_error(CONFIGS / "tiny" / "ppo_lag.yaml", capsys, f"--model.init_args.solver={value}")
+    assert_names(line, f"error: model.init_args.solver: {solver}: {part}")
 
 
 PPO_DIRS = ["policy", "reward_model", "cost_model", "reward_critic", "cost_critic"]
