@@ -481,3 +481,13 @@ def test_write_world_writes_the_risk_splits_only_when_asked(tmp_path) -> None:
     lines = paths["pairs-risk"].read_text().splitlines()
     assert [json.loads(line) for line in lines] == [row for _, row in world.rows("pairs-risk", risk=RISK_SMALL)]
     assert json.loads(paths["risk_config"].read_text())["harmful_mix"] == list(RISK_SMALL.harmful_mix)
+
+
+def test_world_command_writes_the_risk_splits_with_risk(tmp_path, capsys) -> None:
+    from lit_saferlhf.cli import main
+
+    main(["world", "--out", str(tmp_path / "plain")])
+    main(["world", "--out", str(tmp_path / "risk"), "--risk"])
+    assert not (tmp_path / "plain" / "pairs-risk.jsonl").exists()
+    assert len((tmp_path / "risk" / "pairs-risk.jsonl").read_text().splitlines()) == world.RiskConfig().n_pairs
+    assert "risk_config:" in capsys.readouterr().out
