@@ -1,9 +1,11 @@
 """Rollouts for PPO: generation behind one small interface, and the ``Rollout`` batch.
 
-A ``Generator`` turns left-padded prompt ids into sequences (prompt + response); the default is
-Hugging Face ``generate``. A faster backend (static cache, compiled, vLLM-style, or "gather the
-full actor once, then decode locally" under ZeRO-3/FSDP) subclasses ``Generator`` and is named in
-the YAML (``model.init_args.generator``) without touching the stage.
+A ``Generator`` turns left-padded prompt ids into sequences (prompt + response). ``HFGenerate`` is
+Hugging Face ``generate`` (any causal LM); ``StaticCacheGenerate`` decodes into a static KV cache
+with an optionally compiled step, samples among the top-k on the device, and gathers a sharded
+actor once per rollout (FSDP2, ZeRO-3). Another backend (vLLM-style) subclasses ``Generator`` and is
+named in the YAML (``model.init_args.generator``) without touching the stage. ``response_logprobs``
+scores sampled tokens from the last hidden states without the full-vocabulary logits.
 
 Shapes: ``N`` sequences in the rollout (prompt batch x samples per prompt), ``P`` prompt columns
 (left-padded), ``A`` response columns (right-padded after the first EOS).
@@ -30,7 +32,7 @@ class GenerationArgs:
     max_new_tokens: int = 512
     """Longest response in tokens."""
     temperature: float = 1.0
-    """Softmax temperature of sampling."""
+    """Softmax temperature of sampling (0: greedy, with ``StaticCacheGenerate``)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1.0 disables it)."""
     top_k: int = 50
