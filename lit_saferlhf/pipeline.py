@@ -4,8 +4,10 @@ A pipeline YAML lists stages, each a stage config plus the links that feed earli
 (``inputs``: config key -> earlier stage name) and per-stage overrides. Every stage writes into
 ``<out_dir>/<name>/``: its Hugging Face export in ``model/``, checkpoints in ``checkpoints/``
 (``last.ckpt`` every ``checkpoint_every`` steps), CSV logs in ``logs/``, and ``stage.json`` once it
-has finished. Repeating the command skips finished stages and resumes an interrupted one from
-the newest of ``last.ckpt`` and a SLURM ``hpc_ckpt_<n>.ckpt`` (a file, or a folder under sharded strategies).
+has finished. A stage has finished when its ``stage.json`` and its export both exist. Repeating the
+command skips finished stages and resumes an interrupted one from the newest of ``last.ckpt`` and a
+SLURM ``hpc_ckpt_<n>.ckpt`` (a file, or a folder under sharded strategies); one whose training had
+finished but whose export is missing writes the export from that checkpoint.
 """
 
 from __future__ import annotations
@@ -103,8 +105,8 @@ def run_stage(index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint
     """Run one stage unless it has finished before; its record (``stage.json``)."""
     from lit_saferlhf.parsing import cli_main
 
-    done = out_dir / spec.name / "stage.json"
-    if done.is_file():
+    done, export = out_dir / spec.name / "stage.json", out_dir / spec.name / "model"
+    if done.is_file() and export.is_dir():
         console.print(f"[bold]Stage {index}/{total} · {spec.name}[/]: finished before, skipped ({done})")
         return json.loads(done.read_text())
     missing = [source for source in spec.inputs.values() if not (out_dir / source / "model").is_dir()]
@@ -115,6 +117,8 @@ def run_stage(index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint
     console.rule(f"[bold]Stage {index}/{total} · {spec.name}[/] ({spec.config}{', resuming' if resumed else ''})")
     started = time.perf_counter()
     cli_main(args)
+    if not export.is_dir():  # the stage is done only once its export exists
+        raise RuntimeError(f"stage {spec.name!r}: `lit-saferlhf {' '.join(args)}` ended without writing {export}")
     record = {
         "name": spec.name,
         "config": spec.config,

@@ -1,11 +1,19 @@
-"""Fault tolerance that every stage gets from the CLI: atomic checkpoints, a non-finite-loss stop, preemption.
+"""Fault tolerance for every stage: atomic checkpoints, exact resumes, a non-finite-loss stop, preemption.
 
 ``lit-saferlhf fit`` adds :func:`reliability_callbacks` to every run, so a run killed at any point
-loses at most the work since its last checkpoint:
+loses at most the work since its last checkpoint, and a resumed run goes on exactly as the
+uninterrupted one would have:
 
 - :class:`AtomicCheckpoints` writes single-file checkpoints to a temporary file in the same folder,
   fsyncs it and ``os.replace``-s it into place, so a checkpoint name never points at a half-written
   file (a SIGKILL or a full disk mid-write leaves the previous checkpoint as it was).
+- :class:`StaleCheckpointFiles` removes what killed runs left behind (partial checkpoint writes,
+  export staging dirs, checkpoints written after the one a run resumes from), so names stay stable.
+- :class:`RankStates` saves every random-number state the next step draws from (Python, NumPy,
+  torch CPU and the current CUDA device), and the stage's own per-rank state, for every rank in each
+  checkpoint and puts them back in a resumed run, so sampling, dropout and shuffling continue bit for bit.
+- :class:`RepairProgress` corrects Lightning's progress counts around resumes from the last batch
+  of an epoch, which otherwise make a later resume train batches the uninterrupted run never did.
 - :class:`NonFiniteLossGuard` stops the run at the first step whose loss is NaN or infinite, before
   that step's state is checkpointed, and names the step, the loss and the last checkpoint.
 - :class:`SaveOnPreemption` turns SIGTERM into "finish the step, save, exit 143", and SLURM's requeue
@@ -13,6 +21,8 @@ loses at most the work since its last checkpoint:
   requeue``, exit". Lightning itself saves from inside the signal handler, mid-step and, under DDP,
   with a barrier that the other ranks may never reach (Lightning issue #21406); here the handler only
   sets a flag and the save happens at the next step boundary, on every rank at the same step.
+- :class:`ExportFinishedRun` writes the export of a run whose training had finished when it was
+  killed (before or during its export) when that run is started again from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -30,6 +42,7 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -51,7 +64,15 @@ HPC_NAME = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 
 def reliability_callbacks() -> list[Callback]:
     """The callbacks ``lit-saferlhf fit`` adds to every run."""
-    return [AtomicCheckpoints(), NonFiniteLossGuard(), SaveOnPreemption()]
+    return [
+        AtomicCheckpoints(),
+        StaleCheckpointFiles(),
+        RankStates(),
+        RepairProgress(),
+        NonFiniteLossGuard(),
+        SaveOnPreemption(),
+        ExportFinishedRun(),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,6 +152,302 @@ class AtomicCheckpoints(Callback):
         """Swap in the atomic writer if the strategy uses the plain ``TorchCheckpointIO``."""
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What killed runs leave behind
+# ----------------------------------------------------------------------------------------------------------------
+
+PARTIAL_GLOB = ".partial-*.tmp"
+"""The names :func:`partial_path` gives (files, or folders of sharded checkpoints)."""
+RESUME_NAMES = re.compile(r"last(-v\d+)?\.ckpt|hpc_ckpt_\d+\.ckpt")
+"""Checkpoints a run resumes from to go on where it stopped (``--ckpt_path last``, the pipeline, SLURM)."""
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder (whichever ``path`` is); gone already is fine."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
+    """The local folders the run's checkpoints go to: its ModelCheckpoints' and ``default_root_dir`` (SLURM)."""
+    folders = [callback.dirpath for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
+    folders.append(trainer.default_root_dir)
+    local = [Path(url_to_fs(str(folder))[1]) for folder in folders if folder and is_local(folder)]
+    return list(dict.fromkeys(local))
+
+
+def is_local(path: Any) -> bool:
+    """Whether ``path`` is on the local file system (not ``s3://`` ...)."""
+    return isinstance(url_to_fs(str(path))[0], LocalFileSystem)
+
+
+def saved_step(path: Path) -> int | None:
+    """The ``global_step`` a checkpoint file or distributed checkpoint folder holds (None: unreadable, another kind)."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    file = path / _METADATA_FILENAME if path.is_dir() else path
+    try:
+        return int(torch.load(file, map_location="cpu", weights_only=True, mmap=path.is_file())["global_step"])
+    except Exception:  # not a checkpoint we can read: not ours to delete
+        return None
+
+
+def orphaned_checkpoints(callback: ModelCheckpoint, step: int, resumed_from: Path) -> list[Path]:
+    """Checkpoints in ``callback``'s folder of steps after ``step`` that ``callback`` (as restored) does not know."""
+    known = {callback.last_model_path, callback.best_model_path, callback.kth_best_model_path, *callback.best_k_models}
+    known = {Path(path) for path in known if path} | {resumed_from}
+    candidates = [path for path in Path(callback.dirpath).glob("*.ckpt") if path not in known]
+    return [path for path in candidates if (saved := saved_step(path)) is not None and saved > step]
+
+
+class StaleCheckpointFiles(Callback):
+    """Remove what killed runs left beside the checkpoints and the export, so names stay stable across reruns.
+
+    At the start of a fit (local rank 0; nothing is being written then): the partial files and folders
+    of killed checkpoint writes (``.partial-*.tmp``) in every checkpoint folder, and the staging dirs
+    of a killed export (``.<export dir name>.*`` beside it). Once a run resumed from its newest
+    checkpoint (``last.ckpt``, ``hpc_ckpt_<n>.ckpt``) has restored its state: the checkpoints of later
+    steps that the killed run wrote after that one, which the restored ModelCheckpoint does not know.
+    The resumed run writes those steps again; left in place, they would stay forever and make it name
+    its own ``epoch=0-step=8-v1.ckpt``. Checkpoints are never removed when a run resumes from an
+    older, named checkpoint (a deliberate restart from there) or starts afresh.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Delete partial checkpoint writes and export staging dirs of killed runs."""
+        if trainer.local_rank != 0:
+            return
+        leftovers = [path for folder in checkpoint_dirs(trainer) for path in folder.glob(PARTIAL_GLOB)]
+        export_dir = getattr(pl_module, "export_dir", None)
+        if export_dir and is_local(export_dir):
+            export = Path(url_to_fs(str(export_dir))[1])
+            leftovers += [path for path in export.parent.glob(f".{export.name}.*") if path.is_dir()]
+        for path in leftovers:
+            log.info("Removing %s, left by a run killed while writing it", path)
+            remove_path(path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a resume from the newest checkpoint: delete checkpoints the killed run wrote after it."""
+        resumed_from = Path(str(trainer.ckpt_path)) if trainer.ckpt_path else None
+        if not trainer.is_global_zero or resumed_from is None or not RESUME_NAMES.fullmatch(resumed_from.name):
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath and is_local(callback.dirpath):
+                for path in orphaned_checkpoints(callback, trainer.global_step, resumed_from):
+                    log.warning("Removing %s: written after %s by the run that was killed", path, resumed_from)
+                    remove_path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random-number states
+# ----------------------------------------------------------------------------------------------------------------
+
+RANK_STATES_KEY = "rank_states"
+"""Where :class:`RankStates` keeps every rank's random-number states and stage state in a checkpoint."""
+
+
+def random_state() -> dict[str, Any]:
+    """This process's random-number states, as types ``torch.load(weights_only=True)`` reads."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().cpu()  # the current device: this rank's
+    return state
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    """Put back the states :func:`random_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (``[value]`` outside a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+class RankStates(Callback):
+    """Save what differs between ranks with every checkpoint, and give each rank its own back on resume.
+
+    A checkpoint file is written by rank 0 from rank 0's state; what each rank holds for itself
+    would come back as rank 0's. Saved for every rank: the random-number states (Python, NumPy,
+    torch CPU, the current CUDA device) and, for a stage that has them, ``rank_state_dict()``
+    (PPO-Lagrangian: its window of recent costs), which ``load_rank_state_dict`` takes back on load.
+
+    The random states are taken when the checkpoint is written (the end of a step: nothing draws
+    before the next step) and put back at the start of the resumed run's first training batch:
+    after the model build, the sanity check and the data loader's start, which draw numbers of their
+    own. A checkpoint written by a different number of ranks cannot continue each rank's streams, so
+    nothing is restored (a warning says so); checkpoints from before this callback hold none. Data
+    order needs no state here: :mod:`lit_saferlhf.data.sampling` derives it from the seed and epoch.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Store every rank's states (one all-gather; every rank takes part in writing a checkpoint).
+
+        Before a resumed run's first step (a rerun of a finished run saves without training), the
+        states the next step will draw from are the loaded ones, not the process's own.
+        """
+        own = {"random": self.pending if self.pending is not None else random_state()}
+        if hasattr(pl_module, "rank_state_dict"):
+            own["stage"] = pl_module.rank_state_dict()
+        checkpoint[RANK_STATES_KEY] = gather_objects(own)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Give the stage this rank's state now; keep the random states until the first training batch."""
+        states = checkpoint.get(RANK_STATES_KEY)
+        if states is None:
+            log.warning("The checkpoint holds no per-rank states: the resumed run will not repeat the original")
+            return
+        if len(states) != trainer.world_size:
+            log.warning(
+                "The checkpoint was written by %d ranks and resumes on %d: per-rank states are not restored, "
+                "so the run will not repeat the original one exactly", len(states), trainer.world_size,
+            )  # fmt: skip
+            return
+        own = states[trainer.global_rank]
+        if "stage" in own and hasattr(pl_module, "load_rank_state_dict"):
+            pl_module.load_rank_state_dict(own["stage"])
+        self.pending = own["random"]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """Restore the loaded random states once, right before the resumed run's first step."""
+        if self.pending is not None:
+            set_random_state(self.pending)
+            self.pending = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loop progress of a resumed run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def repair_batch_progress(checkpoint: dict[str, Any]) -> bool:
+    """Make a batch-end checkpoint's total batch counts agree with its current ones; whether anything changed.
+
+    A checkpoint written at the end of a training batch has that batch processed but not yet counted
+    as completed. Lightning recognises such a checkpoint by that one-batch gap in the counts of the
+    whole run (``total``), but after a resume across an epoch's end the run's completed count falls
+    behind by more, so a later resume from the last batch of an epoch is not recognised: Lightning
+    then trains an extra batch (taken from the next epoch's data) before it stops. The gap of the
+    current epoch's counts is always right, and the run's completed count is set from it.
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if not progress:
+        return False
+    current, total = progress["current"], progress["total"]
+    at_batch_end = current["ready"] == current["started"] == current["processed"] == current["completed"] + 1
+    consistent = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
+    if not at_batch_end or consistent or total["ready"] != total["started"] or total["started"] != total["processed"]:
+        return False
+    total["completed"] = total["processed"] - 1
+    return True
+
+
+class RepairProgress(Callback):
+    """Keep Lightning's progress counts right across resumes from the last batch of an epoch.
+
+    Two counts go wrong there, and each makes a later resume train batches the uninterrupted run never
+    trained: the batch counts a checkpoint holds (fixed before the loops are restored, see
+    :func:`repair_batch_progress`), and the epoch after such a resume, which Lightning never counts as
+    started (it skips ``on_train_epoch_start`` for it too), so its checkpoints look like the start of
+    that epoch again; it is counted at its first batch here. And a rerun that resumes after the last
+    step trains nothing, yet its ModelCheckpoints would write ``last.ckpt`` again at the end, with
+    counts that make the logged steps of a later resume start one step early; the checkpoint it
+    resumed from already holds that state, so they are told it is saved.
+    """
+
+    def __init__(self) -> None:
+        self.stepped = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """No step taken yet in this fit."""
+        self.stepped = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a resumed fit without a step: keep the checkpoint it resumed from (runs before ModelCheckpoint's)."""
+        if self.stepped or trainer.ckpt_path is None:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                callback._last_global_step_saved = trainer.global_step  # what its own skip checks read
+                callback._last_checkpoint_saved = True
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Runs before the loops read ``checkpoint["loops"]``."""
+        if repair_batch_progress(checkpoint):
+            log.info("Repaired the batch counts of the checkpoint, written at the end of a batch, before resuming")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        """Count the running epoch as started if Lightning did not (a running epoch is one ahead of the processed)."""
+        self.stepped = True
+        epochs = trainer.fit_loop.epoch_progress
+        if epochs.current.started == epochs.current.processed:
+            epochs.increment_ready()
+            epochs.increment_started()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The export of a run that had finished training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ExportFinishedRun(Callback):
+    """Write the missing export of a run resumed from a checkpoint taken after its last step.
+
+    Lightning skips the whole training loop when the checkpoint it resumes from has reached
+    ``max_epochs`` or ``max_steps``, and with it ``on_train_end``, where every stage writes its
+    export. A run killed between its last checkpoint and the end of its export would rerun to exit 0
+    and write nothing; this calls the stage's ``on_train_end`` at the end of such a fit, so the export
+    is written from the checkpoint's weights (when the stage has an ``export_dir`` that does not exist).
+    The export happens after Lightning's teardown (the only hook left), on every rank, as at the end of
+    training; a sharded model must still be gatherable then (FSDP2 on one node is; not tested on GPUs).
+    """
+
+    def __init__(self) -> None:
+        self.trained = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A new fit has not trained yet."""
+        self.trained = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The training loop ran, so ``on_train_end`` will export as usual."""
+        self.trained = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a resumed fit that skipped training: export if the export dir is missing."""
+        export_dir = getattr(pl_module, "export_dir", None)
+        if self.trained or trainer.ckpt_path is None or not export_dir:
+            return
+        if not trainer.strategy.broadcast(not Path(export_dir).is_dir(), src=0):
+            return
+        log.warning(
+            "Training had finished at step %d (%s) but %s is missing: writing it from that checkpoint",
+            trainer.global_step, trainer.ckpt_path, export_dir,
+        )  # fmt: skip
+        pl_module.on_train_end()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -46,8 +47,10 @@ class ResumableSampler(DistributedSampler):
 class ResumableLoader(DataLoader):
     """A DataLoader whose ``state_dict`` records the epoch, the seed and how many batches were drawn.
 
-    ``len()`` stays the full epoch's length after a resume: Lightning counts the batches a restored
-    epoch already trained on and expects only the rest.
+    Worker seeds come from the loader's own generator, seeded by ``seed + epoch``, never from the
+    global torch stream (see ``reliability.RankStates``). ``len()`` stays the full epoch's length
+    after a resume: Lightning counts the batches a restored epoch already trained on and expects
+    only the rest.
 
     Args:
         dataset: The encoded samples.
@@ -65,8 +68,15 @@ class ResumableLoader(DataLoader):
         sampler: ResumableSampler,
         num_workers: int = 0,
     ) -> None:
+        # Its own generator: starting an epoch would otherwise draw the workers' base seed from the global
+        # torch stream, which then differs between a resumed run and the uninterrupted one.
         super().__init__(
-            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            generator=torch.Generator(),
         )
         self.drawn = 0  # batches of the current epoch handed out so far, counting those skipped on resume
         self.resume_epoch: int | None = None  # the epoch a loaded state belongs to, until that epoch starts
@@ -80,6 +90,7 @@ class ResumableLoader(DataLoader):
         resuming, self.resume_epoch = self.resume_epoch == sampler.epoch, None
         self.drawn = self.drawn if resuming else 0
         sampler.start = self.drawn * self.batch_size
+        self.generator.manual_seed(sampler.seed + sampler.epoch)  # workers' seeds: a function of the epoch
         for batch in super().__iter__():
             self.drawn += 1
             yield batch

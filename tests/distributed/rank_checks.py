@@ -5,7 +5,7 @@ Each rank writes ``rank<N>.json`` into ``$RANK_CHECKS_DIR``: world size, whether
 DTensor-sharded and their local vs full sizes, the samples it trained on, and, gathered across ranks
 after every step, λ (PPO) and the epoch metrics, so the test can check that every rank saw the same
 numbers. ``RecordBatches`` appends each step's samples to ``$BATCH_LOG``, line by line, so a killed
-run leaves what it trained on.
+run leaves what it trained on. ``KillAtExport`` kills a run between the end of its training and its export.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -79,3 +80,18 @@ class RecordBatches(L.Callback):
         line = {"epoch": trainer.current_epoch, "step": trainer.global_step - 1, "samples": sample_ids(batch)}
         with open(os.environ["BATCH_LOG"], "a") as log:
             log.write(json.dumps(line) + "\n")
+
+
+class KillAtExport(L.Callback):
+    """SIGKILL this process at the end of training: ``KILL_AT_EXPORT=before`` before the stage's export starts,
+    ``during`` once the export is written beside its destination but not yet renamed into place."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if os.environ["KILL_AT_EXPORT"] == "before":  # callbacks' on_train_end runs before the stage's
+            os.kill(os.getpid(), signal.SIGKILL)
+        import lit_saferlhf.models.causal_lm
+
+        def killed_before_the_rename(staging: Path, out_dir: Path) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        lit_saferlhf.models.causal_lm.replace_dir = killed_before_the_rename

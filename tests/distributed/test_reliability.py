@@ -23,6 +23,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+from safetensors.torch import load_file
 from torch import Tensor
 
 import lit_saferlhf.stages.sft
@@ -323,3 +324,68 @@ def check_data_position(batches: Path, killed_at: int) -> None:
     assert len(epochs[0]) == 256
     assert Counter(epochs[0]) == Counter(epochs[1]) == Counter(epochs[2])  # no sample repeated or missed
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exports that do not lie; what killed runs leave behind
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["before", "during"])
+def test_a_run_killed_at_its_export_writes_the_export_from_its_last_checkpoint_when_started_again(
+    moment: str, tmp_path: Path
+) -> None:
+    last, export = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "model"
+    args = sft_args(tmp_path, "--trainer.callbacks+=rank_checks.KillAtExport", every=1, limit=64, epochs=1)
+    killed = start(args, tmp_path / "killed.log", env={"KILL_AT_EXPORT": moment})
+    finish(killed, tmp_path / "killed.log", -signal.SIGKILL)
+    assert global_step(last) == 2  # training had finished: 64 demonstrations / 32 per batch
+    assert not export.exists()
+    staging = [path.name for path in tmp_path.glob(".model.*")]
+    assert len(staging) == (moment == "during")  # the complete export, never renamed into place
+
+    again = start(sft_args(tmp_path, f"--ckpt_path={last}", every=1, limit=64, epochs=1), tmp_path / "again.log")
+    finish(again, tmp_path / "again.log", 0)
+    assert "but " + str(export) + " is missing: writing it from that checkpoint" in (tmp_path / "again.log").read_text()
+    assert not list(tmp_path.glob(".model.*"))  # the killed export's staging dir is gone too
+    weights = load_file(export / "model.safetensors")
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    assert weights.keys() == {name.removeprefix("model.") for name in saved}
+    assert all(torch.equal(tensor, saved[f"model.{name}"]) for name, tensor in weights.items())
+    assert sorted(path.name for path in last.parent.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+
+
+def test_a_resumed_run_removes_what_the_killed_run_left_and_keeps_its_checkpoint_names(tmp_path: Path) -> None:
+    folder, last = tmp_path / "checkpoints", tmp_path / "checkpoints" / "last.ckpt"
+    run = ["--trainer.enable_model_summary=false"]
+    cli_main(sft_args(tmp_path, *run, "--trainer.max_steps=1", every=1, limit=96, epochs=1))
+    at_step_1 = last.read_bytes()
+    cli_main(sft_args(tmp_path, *run, "--trainer.max_steps=2", f"--ckpt_path={last}", every=1, limit=96, epochs=1))
+    # What a kill at step 2 between writing epoch=0-step=2.ckpt and last.ckpt leaves, plus a write killed mid-way
+    # and a killed export's staging dir.
+    last.write_bytes(at_step_1)
+    partial_path(folder / "epoch=0-step=3.ckpt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    (tmp_path / ".model.k1ll3d").mkdir()
+    (tmp_path / ".model.k1ll3d" / "config.json").write_text("{}")
+    assert sorted(path.name for path in folder.iterdir() if not path.name.startswith(".")) == [
+        "epoch=0-step=2.ckpt",
+        "last.ckpt",
+    ]
+
+    cli_main(sft_args(tmp_path, *run, f"--ckpt_path={last}", every=1, limit=96, epochs=1))
+    assert sorted(path.name for path in folder.iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt"]  # no -v1
+    assert global_step(last) == 3
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".model")) == []
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_checkpoints_are_kept_when_a_run_restarts_from_an_older_named_one(tmp_path: Path) -> None:
+    folder, last, restart = tmp_path / "checkpoints", tmp_path / "checkpoints" / "last.ckpt", tmp_path / "restart.ckpt"
+    run = ["--trainer.enable_model_summary=false"]
+    cli_main(sft_args(tmp_path, *run, "--trainer.max_steps=1", every=1, limit=96, epochs=1))
+    restart.write_bytes(last.read_bytes())
+    cli_main(sft_args(tmp_path, *run, "--trainer.max_steps=2", f"--ckpt_path={last}", every=1, limit=96, epochs=1))
+    later = (folder / "epoch=0-step=2.ckpt").read_bytes()
+    cli_main(sft_args(tmp_path, *run, "--trainer.max_steps=2", f"--ckpt_path={restart}", every=1, limit=96, epochs=1))
+    assert (folder / "epoch=0-step=2.ckpt").read_bytes() == later  # a deliberate restart deletes nothing
