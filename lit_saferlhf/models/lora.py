@@ -330,15 +330,23 @@ def drop_frozen(checkpoint: dict[str, Any], module: nn.Module) -> None:
     """Keep only the trainable tensors (and buffers) in a checkpoint of a stage with adapters; else no-op.
 
     The frozen bases are rebuilt from their dirs when the stage is configured, so they need no copy.
+    A distributed (FSDP2) checkpoint keeps them: Lightning loads it back key by key, every key required.
     """
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(value, DTensor) for value in checkpoint["state_dict"].values()):
+        return
     if has_adapters(module):
         frozen = frozen_names(module)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
 
 def restore_frozen(checkpoint: dict[str, Any], module: nn.Module) -> None:
-    """Fill a checkpoint written by ``drop_frozen`` with the live frozen tensors, so it loads strictly."""
-    if has_adapters(module):
+    """Fill a checkpoint written by ``drop_frozen`` with the live frozen tensors, so it loads strictly.
+
+    A distributed checkpoint, which the strategy has loaded into the module already, has no ``state_dict`` here.
+    """
+    if has_adapters(module) and "state_dict" in checkpoint:
         live = module.state_dict()
         for name in frozen_names(module):
             checkpoint["state_dict"].setdefault(name, live[name])

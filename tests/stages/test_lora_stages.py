@@ -204,3 +204,29 @@ def test_lora_ppo_lag_runs_on_two_processes(strategy: str, tiny_models: dict[str
     base, merged = load_file(tiny_models["sft"] / "model.safetensors"), load_file(tmp_path / "model/model.safetensors")
     assert merged.keys() == base.keys()  # gathered and merged into one plain Hugging Face dir
     assert any(not torch.equal(base[name], merged[name]) for name in base)
+
+
+@pytest.mark.slow
+def test_lora_sft_resumes_exactly_under_fsdp2(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from tests.distributed.test_strategies import STRATEGIES, fit_on_two_processes
+
+    config = yaml.safe_load((CONFIGS / "tiny/sft.yaml").read_text())
+    config["model"]["init_args"]["model"] = {"path": str(tiny_models["sft"])}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    setup = [f"--config={tmp_path / 'sft.yaml'}", *STRATEGIES["fsdp2"], LORA]
+    quick = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+             "--model.init_args.optimizer.schedule=constant",
+             "--model.init_args.optimizer.warmup_ratio=0.0"]  # fmt: skip
+
+    def run(out: Path, *overrides: str) -> dict[str, torch.Tensor]:
+        done = fit_on_two_processes(setup, out, *quick, *overrides)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        return load_file(out / "model" / "model.safetensors")
+
+    straight = run(tmp_path / "straight", "--trainer.max_epochs=2")
+    run(tmp_path / "first", "--trainer.max_epochs=1")
+    (checkpoint,) = (tmp_path / "first" / "logs").glob("version_0/checkpoints/*.ckpt")  # a distributed folder
+    resumed = run(tmp_path / "first", "--trainer.max_epochs=2", f"--ckpt_path={checkpoint}")
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
