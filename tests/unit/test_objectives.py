@@ -354,3 +354,26 @@ def test_ordered_and_default_token_weights() -> None:
     assert second.tolist() == [1.0, 4.0]
     mask = torch.tensor([[False, True, True]])
     assert DPO().token_weights(mask, {}).tolist() == [[0.0, 1.0, 1.0]]
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [DPO(beta=0.5), IPO(tau=0.5), KTO(beta=0.5), BFPO(tau=0.5), SafeDPO(beta=0.5, delta=1.0),
+     CDPO(DualAscent(init_multiplier=0.5, linear=True), beta=0.5, soft=True)],
+    ids=lambda objective: type(objective).__name__,
+)  # fmt: skip
+def test_gradients_match_finite_differences(objective: object) -> None:
+    labels = {
+        "better": torch.tensor([0, 1, 1, 0]),
+        "safer": torch.tensor([1, 1, 0, 0]),
+        "is_safe": torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]]).bool(),
+        "rewards": torch.tensor([[1.0, 2.0], [0.0, -1.0], [0.5, 0.5], [2.0, 0.0]], dtype=torch.float64),
+        "costs": torch.tensor([[-1.0, 1.5], [1.0, 0.0], [0.0, 2.0], [-2.0, 1.0]], dtype=torch.float64),
+    }
+    ref = random_batch(4, seed=5).ref_logprobs
+
+    def loss(logprobs: torch.Tensor) -> torch.Tensor:
+        return objective(PairBatch(logprobs, ref, **labels))[0]
+
+    start = random_batch(4, seed=6).logprobs.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(loss, (start,), eps=1e-6, atol=1e-5)
