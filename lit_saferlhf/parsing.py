@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 from jsonargparse import set_parsing_settings
@@ -40,14 +41,15 @@ def configure_parsing() -> None:
 class ProjectCLI(LightningCLI):
     """LightningCLI whose errors name the full config key of a setting out of its domain."""
 
-    def instantiate_classes(self) -> None:
-        """Instantiate the config's classes; a setting's error names its key, e.g. ``model.init_args.optimizer.lr``."""
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """As LightningCLI; a setting's error (at start-up or in the run) names its key, e.g. ``model.init_args.lr``."""
         try:
-            super().instantiate_classes()
+            super().__init__(*args, **kwargs)
         except Exception as error:
-            ours = expected_error(error)
-            if isinstance(ours, ConfigError):
-                locate(ours, self.config[self.subcommand] if self.subcommand else self.config)
+            ours, config = expected_error(error), getattr(self, "config", None)
+            if isinstance(ours, ConfigError) and config is not None:
+                subcommand = getattr(self, "subcommand", None)
+                locate(ours, config[subcommand] if subcommand else config)
             raise
 
 

@@ -64,6 +64,7 @@ class ModelSource:
         for key in ("path", "tokenizer"):
             if getattr(self, key) not in (None, SAFETY_WORLD_TOKENIZER):
                 check_model_path(getattr(self, key), key)
+        torch_dtype(self.dtype)  # a dtype torch does not have fails at start-up
         if self.lora is not None and self.lora.quantize is not None and self.path is None:
             raise ValueError("model.lora.quantize: QLoRA quantizes pretrained weights; set `path`, not `config`")
 
@@ -150,7 +151,7 @@ def torch_dtype(name: str | None) -> torch.dtype:
         return torch.float32
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"model.dtype: expected one of bfloat16, float16, float32, found {name!r}")
+        raise ConfigError("dtype", "one of bfloat16, float16, float32", name)
     return dtype
 
 

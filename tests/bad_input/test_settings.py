@@ -120,6 +120,11 @@ MODELS = [
     ("path-and-config", {"path": "{tmp}", "config": TINY_LLAMA}, "model: set exactly one of `path`"),
     ("config-without-type", {"config": {"hidden_size": 8}, "tokenizer": "safety-world"}, "needs a `model_type` key"),
     ("config-without-tokenizer", {"config": TINY_LLAMA}, "model.tokenizer: a model built from `config` needs"),
+    (
+        "unknown-dtype",
+        {"config": TINY_LLAMA, "tokenizer": "safety-world", "dtype": "float8"},
+        "model.init_args.model.dtype: expected one of bfloat16, float16, float32, found 'float8'",
+    ),
 ]
 
 
