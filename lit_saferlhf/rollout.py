@@ -186,7 +186,7 @@ class StaticCacheGenerate(Generator):
     ) -> Tensor:
         """Prefill, then one token per step until ``max_new_tokens`` or every row has finished, ``(N, T)``."""
         rows, columns, steps = *input_ids.shape, args.max_new_tokens
-        cache = self.static_cache(model, rows, columns + steps)
+        cache = {cache_argument(model): self.static_cache(model, rows, columns + steps)}  # keyword found once
         mask = torch.cat([attention_mask, attention_mask.new_ones(rows, steps)], dim=1)  # (N, P + T), fixed shape
         positions = position_ids(attention_mask)  # (N, P)
         logits = forward(model, cache, input_ids, mask, positions, logits_to_keep=1)[:, -1].float()  # (N, V)
@@ -325,15 +325,21 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def forward(model: Any, cache: Any, input_ids: Tensor, mask: Tensor, positions: Tensor, **kwargs: Any) -> Tensor:
-    """The model's logits for ``input_ids`` written into the static ``cache``, ``(N, L, V)``."""
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def cache_argument(model: Any) -> str:
+    """The keyword of the model's forward that takes the cache (``cache`` in newer transformers 5 releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def forward(
+    model: Any, cache: dict[str, Any], input_ids: Tensor, mask: Tensor, positions: Tensor, **kwargs: Any
+) -> Tensor:
+    """The model's logits for ``input_ids`` written into the static cache ``{keyword: cache}``, ``(N, L, V)``."""
     return model(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache}, **kwargs
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache, **kwargs
     ).logits
 
 
-def decode_step(model: Any, cache: Any, token: Tensor, mask: Tensor, position: Tensor) -> Tensor:
+def decode_step(model: Any, cache: dict[str, Any], token: Tensor, mask: Tensor, position: Tensor) -> Tensor:
     """One decoded token: float32 next-token scores ``(N, V)`` after ``token`` ``(N, 1)`` at ``position`` ``(N, 1)``."""
     return forward(model, cache, token, mask, position)[:, -1].float()
 
