@@ -14,6 +14,7 @@ validate against any of the Union subtypes", Lightning's hooks) and turns a full
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,8 @@ EXIT_STATUS = 2
 """The exit status of ``lit-saferlhf`` for an error of the user's input (argparse's status for usage errors)."""
 TRACEBACK_VARIABLE = "LIT_SAFERLHF_TRACEBACK"
 """Set to ``1`` to see the traceback of our errors too."""
+NO_SPACE = os.strerror(errno.ENOSPC)
+"""The system's words for ENOSPC ("No space left on device"), also found in errors of libraries that hide the errno."""
 NOT_GIVEN = object()
 """``ConfigError``'s ``found`` when the message is a sentence of its own."""
 _TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
@@ -130,6 +133,8 @@ def expected_error(error: BaseException) -> LitSafeRLHFError | None:
             return linked
         if isinstance(linked, OSError) and linked.errno == errno.ENOSPC:
             return DiskFullError(linked.filename, linked.strerror or "")
+        if NO_SPACE in str(linked):  # a library's own error around an ENOSPC (safetensors, tokenizers: Rust IO)
+            return DiskFullError(None, " ".join(str(linked).split())[:200])
     return None
 
 

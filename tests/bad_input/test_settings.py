@@ -254,6 +254,11 @@ def test_enospc_in_the_cause_chain_is_a_full_disk() -> None:
     assert str(expected_error(wrapped)) == "disk full while writing /data/x.bin (No space left on device)"
 
 
+def test_a_library_error_around_enospc_is_a_full_disk() -> None:
+    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+    assert str(expected_error(wrapped)).startswith("disk full while writing")
+
+
 @pytest.mark.parametrize("switch", ["flag", "environment"])
 def test_the_traceback_switch(switch: str, sft_config: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     args = ["fit", f"--config={sft_config}", "--data.init_args.batch_size=0"]
