@@ -70,6 +70,8 @@ def test_multiplier_rises_above_the_limit_and_falls_below(
         "solver/multiplier",
         "rollout/response_length",
         "time/generation_s",
+        "time/scoring_s",
+        "time/update_s",
     ):
         values = column(rows, name)
         assert values, name
