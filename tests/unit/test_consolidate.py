@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lit_saferlhf.models.sharding as sharding
-from lit_saferlhf.cli import main
+from lit_saferlhf.consolidate import export_command
 from lit_saferlhf.models.sharding import full_state_dict
 from lit_saferlhf.pipeline import newest_checkpoint
 from tests.helpers import CONFIGS, fit
@@ -65,9 +65,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def export(tmp_path: Path, ckpt_path: Path, *fit_args: str) -> Path:
-    """``lit-saferlhf export <fit arguments> --ckpt_path ... --out <tmp_path>/exported``."""
+    """``lit-saferlhf export <fit arguments> --ckpt_path ... --out <tmp_path>/exported``, errors raised as they are
+    (the CLI's boundary, which prints them as one line, is tested in tests/bad_input)."""
     out = tmp_path / "exported"
-    main(["export", *fit_args, f"--ckpt_path={ckpt_path}", f"--out={out}"])
+    export_command([*fit_args, f"--ckpt_path={ckpt_path}", f"--out={out}"])
     return out
 
 
