@@ -292,11 +292,21 @@ class PromptData(RecordData):
             ptx_encoder = Encoder(self.encoder.tokenizer, self.template, self.ptx_max_length)
             records = self.read(self.ptx_path, self.ptx_adapter, "sft")
             demonstrations = [ptx_encoder.encode(record.prompt, record.response) for record in records]
-            for record, item in zip(records, demonstrations, strict=True):
-                problem = no_response_left(record.source, item, self.ptx_max_length)
-                if problem is not None:
-                    raise problem
+            demonstrations = self.usable_demonstrations(records, demonstrations)
             self.train_set = [(item, demonstrations[i % len(demonstrations)]) for i, item in enumerate(self.train_set)]
+
+    def usable_demonstrations(self, records: list[SFTRecord], encoded: list[Encoded]) -> list[Encoded]:
+        """The demonstrations that keep a response token within ``ptx_max_length`` (others: bad records)."""
+        usable = []
+        for record, item in zip(records, encoded, strict=True):
+            problem = no_response_left(record.source, item, self.ptx_max_length)
+            if problem is not None and self.on_bad_record == "error":
+                raise problem
+            usable += [item] if problem is None else []
+        if not usable:
+            raise DataError(f"{self.ptx_path}: no PTX demonstration keeps a response token within ptx_max_length")
+        rank_zero_info(f"ptx: {len(usable)} demonstrations, {len(encoded) - len(usable)} dropped by truncation")
+        return usable
 
     def encode(self, record: PromptRecord) -> Encoded:
         """The templated prompt; a long one keeps its end (the part next to the answer)."""

@@ -168,3 +168,10 @@ def test_a_ptx_demonstration_without_room_for_its_response(tmp_path: Path, capsy
     demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "how do i bake bread", "response": "sure"}])
     config = stage_config(tmp_path, "prompt", prompts, ptx_path=str(demos), ptx_max_length=3)
     assert_names(fit_error(config, capsys), "demos.jsonl:line 1", "'prompt'", "max_length=3")
+
+
+def test_skipping_every_ptx_demonstration_leaves_none(tmp_path: Path, capsys) -> None:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "how do i bake bread", "response": "sure"}])
+    config = stage_config(tmp_path, "prompt", prompts, ptx_path=str(demos), ptx_max_length=3, on_bad_record="skip")
+    assert_names(fit_error(config, capsys), "demos.jsonl: no PTX demonstration keeps a response token")
