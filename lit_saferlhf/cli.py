@@ -157,8 +157,10 @@ def short_parse_error(error: argparse.ArgumentError) -> str:
     reports = [linked.message for linked in chain(error) if isinstance(linked, argparse.ArgumentError)]
     keys = dict.fromkeys(key for report in reports for key in re.findall(r'Parser key "([^"]+)"', report))
     body = " ".join(re.sub(r'Parser key "[^"]+":', "", reports[-1]).split())
+    body = re.sub(r"Expected an? (.+?)\. Got value: (.*)", r"expected \1, found \2", body)
+    body = re.sub(r"<class '([^']+)'>", r"\1", body)
     if UNION_FAILURE in body:
-        expected = dict.fromkeys(re.findall(r"Expected a <class '([^']+)'>", body))
+        expected = dict.fromkeys(re.findall(r"Expected a ([\w.]+)", body))
         given = re.search(r"Given value: (?:NestedArg\(key='[^']*', val=)?(.*?)\)?$", body)
         body = f"expected {' or '.join(expected) or 'another value'}, found {given.group(1) if given else '?'}"
     return f"{' > '.join(keys)}: {body}" if keys else body

@@ -567,7 +567,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
         "Generate from policies, score the answers with a reward and a cost model, summarise per policy and "
         "prompt set, and run the arena. A YAML given with --config sets any option; later flags override it."
     )
-    parser = ArgumentParser(prog="lit-saferlhf evaluate", description=description)
+    parser = ArgumentParser(prog="lit-saferlhf evaluate", description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
     parser.add_function_arguments(evaluate)
     options = parser.instantiate_classes(parser.parse_args(list(argv))).as_dict()  # builds the generator

@@ -185,7 +185,7 @@ def pipeline(
 
 def pipeline_command(argv: Sequence[str]) -> None:
     """``lit-saferlhf pipeline --config cli_configs/tiny/pipeline.yaml``: run the whole Safe RLHF pipeline."""
-    parser = ArgumentParser(prog="lit-saferlhf pipeline", description=pipeline_command.__doc__)
+    parser = ArgumentParser(prog="lit-saferlhf pipeline", description=pipeline_command.__doc__, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="the pipeline YAML")
     parser.add_function_arguments(pipeline)
     args = parser.parse_args(list(argv))

@@ -189,6 +189,13 @@ def test_pipeline_stage_with_bad_data(tmp_path: Path, capsys) -> None:
     assert_names(line, "pairs.jsonl:line 2", "'prompt'")
 
 
+@pytest.mark.parametrize("command", ["pipeline", "evaluate"])
+def test_a_command_option_of_the_wrong_type(command: str, tmp_path: Path, capsys) -> None:
+    option = {"pipeline": "--checkpoint_every=often", "evaluate": "--max_new_tokens=many"}[command]
+    line = user_error([command, f"--out_dir={tmp_path}", option], capsys)
+    assert_names(line, option.split("=")[0].strip("-"), "expected int", "--help")
+
+
 def test_evaluate_with_a_missing_policy_dir(tmp_path: Path, capsys) -> None:
     args = [
         "evaluate",
