@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("gt_harmful_compliance_rate", "gt_benign_helpfulness", "gt_benign_refusal_rate", "mean_reward", "mean_cost")
 
 
-def fit(models: Path, out: Path, lora: bool, seed: int, rollouts: int) -> tuple[float, str]:
-    """One PPO-Lagrangian run; seconds taken and the stage's start-up line (networks, parameters)."""
+def fit(models: Path, out: Path, lora: list[str] | None, seed: int, rollouts: int) -> tuple[float, str]:
+    """One PPO-Lagrangian run (``lora``: None, or the LoRA run's extra flags); seconds and the start-up line."""
     import logging
 
     from lit_saferlhf.parsing import cli_main
@@ -46,7 +46,7 @@ def fit(models: Path, out: Path, lora: bool, seed: int, rollouts: int) -> tuple[
     started = time.perf_counter()
     cli_main([
         "fit", f"--config={REPO / 'cli_configs/tiny/ppo_lag.yaml'}",
-        *([f"--config={REPO / 'cli_configs/peft/lora_ppo.yaml'}"] if lora else []),
+        *([f"--config={REPO / 'cli_configs/peft/lora_ppo.yaml'}", *lora] if lora is not None else []),
         f"--model.init_args.policy={models / 'sft/model'}", f"--model.init_args.reward_model={models / 'reward/model'}",
         f"--model.init_args.cost_model={models / 'cost/model'}", f"--seed_everything={seed}",
         f"--trainer.limit_train_batches={rollouts}", f"--trainer.default_root_dir={out}",
@@ -67,9 +67,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--limit", type=int, default=200, help="held-out prompts to evaluate")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--lora_flags", nargs="*", default=[], help="extra flags of the LoRA run, e.g. a larger lr")
     args = parser.parse_args()
     runs = {
-        name: fit(args.models, args.work / name, name == "lora", args.seed, args.rollouts) for name in ("full", "lora")
+        name: fit(args.models, args.work / name, args.lora_flags if name == "lora" else None, args.seed, args.rollouts)
+        for name in ("full", "lora")
     }
     policies = {"sft": str(args.models / "sft/model")} | {f"ppo_{n}": str(args.work / n / "model") for n in runs}
     summary = evaluate(
@@ -89,7 +91,8 @@ def main() -> None:
         f"- Machine: {platform.platform()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `OMP_NUM_THREADS=1 python benchmarks/lora_pipeline.py {' '.join(sys.argv[1:])}`",
         f"- Models: `{args.models}`; `cli_configs/tiny/ppo_lag.yaml` as shipped ({args.rollouts} rollouts, seed "
-        f"{args.seed}), LoRA adds `cli_configs/peft/lora_ppo.yaml` (r 16, alpha 32, all-linear; same lrs).",
+        f"{args.seed}), LoRA adds `cli_configs/peft/lora_ppo.yaml` (r 16, alpha 32, all-linear) and "
+        f"{' '.join(args.lora_flags) or 'nothing else (same lrs)'}.",
         f"- Evaluation: {args.limit} held-out prompts (`safety-world:prompts-eval`), sampling seed 0, 14 new tokens.",
         "",
         "| policy | s | networks / parameters | " + " | ".join(COLUMNS) + " |",
