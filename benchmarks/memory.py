@@ -57,8 +57,9 @@ GB = 1e9
 # ----------------------------------------------------------------------------------------------
 
 
-def write_models(shape: str, root: Path) -> dict[str, Path]:
-    """Random-weight policy, reward and cost dirs of ``shape`` (as the SFT, reward and cost stages export)."""
+def write_models(shape: str, root: Path, dtype: str) -> dict[str, Path]:
+    """Random-weight policy, reward and cost dirs of ``shape`` in ``dtype`` (as the SFT, reward and cost stages
+    export them)."""
     import torch
 
     from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
@@ -68,9 +69,10 @@ def write_models(shape: str, root: Path) -> dict[str, Path]:
     config = {"model_type": "llama", **SHAPES[shape], "max_position_embeddings": 1024}
     source = ModelSource(config=config, tokenizer="safety-world")
     tokenizer = load_tokenizer(source)
-    dirs = {"policy": export(build_causal_lm(source, tokenizer), tokenizer, root / "policy")}
+    weights = getattr(torch, dtype)
+    dirs = {"policy": export(build_causal_lm(source, tokenizer).to(weights), tokenizer, root / "policy")}
     for name in ("reward", "cost"):
-        dirs[name] = ScoreModel.from_source(source, tokenizer).save_pretrained(root / name, tokenizer)
+        dirs[name] = ScoreModel.from_source(source, tokenizer).to(weights).save_pretrained(root / name, tokenizer)
     return dirs
 
 
@@ -104,14 +106,16 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_gb": peak / GB}))
 
 
-def measure(shape: str, lora: bool, dirs: dict[str, Path], args: argparse.Namespace, scratch: Path) -> float:
-    """Peak memory (GB) of one step of ``shape`` in a fresh child process."""
+def measure(shape: str, lora: bool, dirs: dict[str, Path], args: argparse.Namespace, scratch: Path) -> float | None:
+    """Peak memory (GB) of one step of ``shape`` in a fresh child process; None when it ran out of memory."""
     command = [
         sys.executable, __file__, "--child", f"--dirs={json.dumps({k: str(v) for k, v in dirs.items()})}",
         f"--out={scratch / f'{shape}_{lora}'}", f"--device={args.device}", f"--batch={args.batch}",
         f"--new_tokens={args.new_tokens}", *(["--lora"] if lora else []),
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if run.returncode != 0 and "OutOfMemoryError" in run.stderr:
+        return None
     if run.returncode != 0:
         raise RuntimeError(f"child failed ({shape}, lora={lora}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])["peak_gb"]
@@ -189,7 +193,7 @@ def estimate(counts: Counts, lora: bool, batch: int = 16, length: int = 512) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, measured: dict[str, tuple[float, float]], counts: Counts) -> str:
+def report(args: argparse.Namespace, measured: dict[str, tuple[float | None, float | None]], counts: Counts) -> str:
     """The markdown table and the 7B line."""
     full, lora = estimate(counts, lora=False), estimate(counts, lora=True)
     how = "peak RSS - RSS after imports (ru_maxrss)" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
@@ -206,7 +210,8 @@ def report(args: argparse.Namespace, measured: dict[str, tuple[float, float]], c
         "|---|---:|---:|---:|",
     ]
     for shape, (full_gb, lora_gb) in measured.items():
-        lines.append(f"| {shape} (measured) | {full_gb:.3f} | {lora_gb:.3f} | {lora_gb / full_gb:.2f} |")
+        ratio = f"{lora_gb / full_gb:.2f}" if full_gb and lora_gb else "-"
+        lines.append(f"| {shape} (measured) | {gb(full_gb)} | {gb(lora_gb)} | {ratio} |")
     lines += [
         "",
         "Estimate, Llama-2-7B shape, bf16, batch 16 x 512 tokens, gradient checkpointing "
@@ -221,6 +226,11 @@ def report(args: argparse.Namespace, measured: dict[str, tuple[float, float]], c
         f"7B PPO-Lagrangian, LoRA: {lora['peak']:.1f} GB",
     ]
     return "\n".join(lines) + "\n"
+
+
+def gb(value: float | None) -> str:
+    """A measured figure, or ``OOM``."""
+    return "OOM" if value is None else f"{value:.3f}"
 
 
 def main() -> None:
@@ -243,10 +253,10 @@ def main() -> None:
         if args.shapes is not None
         else (["small", "medium"] if args.device == "cpu" else ["0.5b", "1.5b", "7b"])
     )
-    measured: dict[str, tuple[float, float]] = {}
+    measured: dict[str, tuple[float | None, float | None]] = {}
     with tempfile.TemporaryDirectory(prefix="memory_bench_") as scratch:
         for shape in shapes:
-            dirs = write_models(shape, Path(scratch) / shape)
+            dirs = write_models(shape, Path(scratch) / shape, "float32" if args.device == "cpu" else "bfloat16")
             measured[shape] = (
                 measure(shape, False, dirs, args, Path(scratch)),
                 measure(shape, True, dirs, args, Path(scratch)),
