@@ -1,8 +1,9 @@
 """Runs killed with SIGKILL and resumed repeat the uninterrupted run bit for bit (random-number states included).
 
-A tiny PPO-Lagrangian (6 rollouts of 4 prompts, 6 new tokens, ``last.ckpt`` after every rollout) runs
-once without interruption and once killed twice and resumed, in subprocesses through the real CLI;
-λ's history, the logged metrics and the exported weights must be equal, not close.
+A tiny PPO-Lagrangian (2 epochs of 3 rollouts of 4 prompts, 6 new tokens, ``last.ckpt`` after every
+rollout) runs once without interruption and once killed twice and resumed, in subprocesses through
+the real CLI; λ's history, the logged metrics (all log versions joined) and the exported weights must
+be equal, not close.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def ppo_args(out: Path, tiny_models: dict[str, Path], *overrides: str) -> list[s
         f"--model.init_args.policy={tiny_models['sft']}",
         f"--model.init_args.reward_model={tiny_models['reward']}",
         f"--model.init_args.cost_model={tiny_models['cost']}",
-        f"--trainer.limit_train_batches={ROLLOUTS}",
+        f"--trainer.limit_train_batches={ROLLOUTS // 2}",
+        "--trainer.max_epochs=2",
         "--data.init_args.batch_size=4",
         "--model.init_args.ppo.minibatch_size=2",
         "--model.init_args.generation.max_new_tokens=6",
@@ -114,6 +116,8 @@ def test_a_ppo_run_killed_twice_repeats_the_uninterrupted_run_bit_for_bit(
     expected_metrics = without_timing(read_stage_metrics(whole / "logs")[0])
     assert without_timing(read_stage_metrics(killed / "logs")[0]) == expected_metrics
     assert len(expected_metrics["solver/multiplier"]) == ROLLOUTS
+    names = sorted(path.name for path in (killed / "checkpoints").iterdir())
+    assert names == [f"epoch=1-step={ROLLOUTS * UPDATES}.ckpt", "last.ckpt"]  # no -v1, no partial file left
 
 
 def two_process_run(args: list[str], out: Path, name: str, kill_after: int | None = None) -> None:
@@ -146,8 +150,8 @@ def test_a_killed_two_process_ddp_ppo_run_repeats_the_uninterrupted_lambda_histo
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    steps = 2  # rollouts per rank
-    args = [f"--trainer.limit_train_batches={steps}"]
+    steps = 2  # rollouts per rank, in one epoch
+    args = [f"--trainer.limit_train_batches={steps}", "--trainer.max_epochs=1"]
     two_process_run(ppo_args(whole, tiny_models, *args), whole, "whole")
     two_process_run(ppo_args(killed, tiny_models, *args), killed, "first", kill_after=1)
     first = saved_step(killed / "checkpoints" / "last.ckpt") // UPDATES

@@ -49,10 +49,12 @@ TOTAL_STEPS = 24  # 256 demonstrations / 32 per batch * 3 epochs
 
 
 def sft_args(out: Path, *overrides: str, every: int = 7, limit: int = 256, epochs: int = 3) -> list[str]:
-    """``fit`` arguments of the tiny SFT run with outputs in ``out`` and ``last.ckpt`` every ``every`` steps."""
+    """``fit`` arguments of the tiny SFT run with outputs in ``out`` and ``last.ckpt`` every ``every`` steps (0: at
+    every epoch's end)."""
+    trigger = {"every_n_train_steps": every} if every else {"every_n_epochs": 1}
     checkpoint = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True, "every_n_train_steps": every},
+        "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True, **trigger},
     }
     return [
         "fit",
@@ -332,12 +334,14 @@ def check_data_position(batches: Path, killed_at: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["before", "during"])
+@pytest.mark.parametrize(("moment", "every"), [("before", 0), ("during", 1)])
 def test_a_run_killed_at_its_export_writes_the_export_from_its_last_checkpoint_when_started_again(
-    moment: str, tmp_path: Path
+    moment: str, every: int, tmp_path: Path
 ) -> None:
+    # every=0: the last checkpoint is taken at the epoch's end, and Lightning skips training (and its export) on
+    # resume; every=1: at the last batch, and Lightning runs the end of training again.
     last, export = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "model"
-    args = sft_args(tmp_path, "--trainer.callbacks+=rank_checks.KillAtExport", every=1, limit=64, epochs=1)
+    args = sft_args(tmp_path, "--trainer.callbacks+=rank_checks.KillAtExport", every=every, limit=64, epochs=1)
     killed = start(args, tmp_path / "killed.log", env={"KILL_AT_EXPORT": moment})
     finish(killed, tmp_path / "killed.log", -signal.SIGKILL)
     assert global_step(last) == 2  # training had finished: 64 demonstrations / 32 per batch
@@ -345,9 +349,10 @@ def test_a_run_killed_at_its_export_writes_the_export_from_its_last_checkpoint_w
     staging = [path.name for path in tmp_path.glob(".model.*")]
     assert len(staging) == (moment == "during")  # the complete export, never renamed into place
 
-    again = start(sft_args(tmp_path, f"--ckpt_path={last}", every=1, limit=64, epochs=1), tmp_path / "again.log")
+    again = start(sft_args(tmp_path, f"--ckpt_path={last}", every=every, limit=64, epochs=1), tmp_path / "again.log")
     finish(again, tmp_path / "again.log", 0)
-    assert "but " + str(export) + " is missing: writing it from that checkpoint" in (tmp_path / "again.log").read_text()
+    written_by_us = f"but {export} is missing: writing it from that checkpoint" in (tmp_path / "again.log").read_text()
+    assert written_by_us == (every == 0)
     assert not list(tmp_path.glob(".model.*"))  # the killed export's staging dir is gone too
     weights = load_file(export / "model.safetensors")
     saved = torch.load(last, weights_only=True)["state_dict"]
