@@ -422,7 +422,8 @@ class ExportFinishedRun(Callback):
     and write nothing; this calls the stage's ``on_train_end`` at the end of such a fit, so the export
     is written from the checkpoint's weights (when the stage has an ``export_dir`` that does not exist).
     The export happens after Lightning's teardown (the only hook left), on every rank, as at the end of
-    training; a sharded model must still be gatherable then (FSDP2 on one node is; not tested on GPUs).
+    training; tested with one process, untested under DDP and sharded strategies (whose gather of the
+    full weights needs the process group, which Lightning's teardown keeps).
     """
 
     def __init__(self) -> None:

@@ -1,4 +1,5 @@
-"""Fault tolerance: atomic checkpoints, the non-finite-loss stop, and runs killed by SIGKILL or SIGTERM that resume.
+"""Fault tolerance: atomic checkpoints, the non-finite-loss stop, runs killed by SIGKILL or SIGTERM that resume,
+exports written on rerun, and what killed runs leave behind (the bit-exact resume tests: ``test_exact_resume.py``).
 
 The kill tests run the real CLI in a subprocess (``python -m lit_saferlhf.cli fit``) on the tiny SFT
 config: 256 demonstrations, 3 epochs of 8 steps, ``last.ckpt`` every 2 steps.
@@ -10,6 +11,7 @@ import csv
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
@@ -29,12 +32,16 @@ from torch import Tensor
 import lit_saferlhf.stages.sft
 from lit_saferlhf.cli import cli_main
 from lit_saferlhf.reliability import (
+    RANK_STATES_KEY,
     AtomicCheckpointIO,
     AtomicCheckpoints,
     NonFiniteLossError,
     NonFiniteLossGuard,
     hpc_checkpoint_path,
     partial_path,
+    random_state,
+    repair_batch_progress,
+    set_random_state,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -394,3 +401,37 @@ def test_checkpoints_are_kept_when_a_run_restarts_from_an_older_named_one(tmp_pa
     later = (folder / "epoch=0-step=2.ckpt").read_bytes()
     cli_main(sft_args(tmp_path, *run, "--trainer.max_steps=2", f"--ckpt_path={restart}", every=1, limit=96, epochs=1))
     assert (folder / "epoch=0-step=2.ckpt").read_bytes() == later  # a deliberate restart deletes nothing
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact resumes: the pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist(), torch.randn(2).tolist()
+
+
+def test_random_states_round_trip_through_a_checkpoint_loaded_weights_only(tmp_path: Path) -> None:
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    np.random.randn()  # leaves a cached Gaussian in NumPy's state
+    saved = random_state()
+    expected = draws()
+    torch.save({RANK_STATES_KEY: [{"random": saved}]}, tmp_path / "states.pt")
+    draws()  # the states move on
+    loaded = torch.load(tmp_path / "states.pt", weights_only=True)[RANK_STATES_KEY][0]["random"]
+    set_random_state(loaded)
+    assert draws() == expected
+
+
+def test_the_batch_counts_of_a_checkpoint_behind_by_a_resume_are_repaired() -> None:
+    def checkpoint(total_completed: int) -> dict:
+        total = {"ready": 4, "started": 4, "processed": 4, "completed": total_completed}
+        current = {"ready": 2, "started": 2, "processed": 2, "completed": 1}  # saved at the end of batch 2 of 2
+        return {"loops": {"fit_loop": {"epoch_loop.batch_progress": {"total": total, "current": current}}}}
+
+    behind = checkpoint(total_completed=2)  # what Lightning saved after a resume across an epoch's end
+    assert repair_batch_progress(behind)
+    assert behind["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 3
+    assert not repair_batch_progress(checkpoint(total_completed=3))  # already consistent
+    assert not repair_batch_progress({"state_dict": {}})  # saved without loops (weights only)
