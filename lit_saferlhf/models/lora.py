@@ -253,6 +253,7 @@ class FrozenScoreTwin(nn.Module):
         load_head(self.score_head, head)
         self.score_head.requires_grad_(False)
         self.normalizer = copy.deepcopy(critic.normalizer)
+        self.end_token, self.pad_token_id = critic.end_token, critic.pad_token_id  # the reward model's end rule
         self.eval()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Any:
@@ -268,7 +269,8 @@ class FrozenScoreTwin(nn.Module):
         finally:
             hook.remove()
         scores = self.score_head(captured[0]).squeeze(-1).float()  # (B, L)
-        return ScoreOutput(scores=scores, end_scores=self.normalizer(end_scores(scores, attention_mask)))
+        ends = attention_mask if self.end_token == "attention_mask" else input_ids != self.pad_token_id
+        return ScoreOutput(scores=scores, end_scores=self.normalizer(end_scores(scores, ends)))
 
 
 def full_tensor(param: Tensor) -> Tensor:
