@@ -219,6 +219,17 @@ def test_the_critics_frozen_twin_gives_the_reward_models_scores(base_dirs: dict[
     assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in critic.score_head.parameters())
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_twin_keeps_a_bias_free_head_bias_free(bias: bool, base_dirs: dict[str, Path]) -> None:
+    ids, mask = batch()
+    critic = score_model(base_dirs["score"])
+    critic.score_head = type(critic.score_head)(critic.score_head.in_features, 1, bias=bias)
+    twin = shared_frozen(critic)
+    assert (twin.score_head.bias is not None) == bias
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids, mask).scores, critic(ids, mask).scores)  # adapters still at B = 0
+
+
 def test_checkpoints_keep_the_trainable_tensors_and_restore_the_frozen_ones(base_dirs: dict[str, Path]) -> None:
     holder = nn.Module()
     holder.actor = policy(base_dirs["policy"])
