@@ -191,13 +191,9 @@ def test_resuming_from_a_sharded_folder_continues_the_step_count(sharded_run: di
     assert all(record["sharded_params"] == record["params"] > 0 for record in records)
     assert train_steps(sharded_run["resumed"], 0) == [4, 5, 6, 7]
     assert saved_step(checkpoints / "last.ckpt") == 8
-    # The leftover partial folder is gone; step 6's folder from the killed run stays (Lightning saved the resumed
-    # run's step 6 as epoch=1-step=6-v1.ckpt, and top-1 removed that one at step 8); no last-v1.ckpt.
-    assert sorted(path.name for path in checkpoints.iterdir()) == [
-        "epoch=1-step=6.ckpt",
-        "epoch=1-step=8.ckpt",
-        "last.ckpt",
-    ]
+    # The leftover partial folder is gone, and so is step 6's folder from the killed run (written after the
+    # last.ckpt the run resumed from): the resumed run saved its own step 6 under that name, no -v1 names.
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch=1-step=8.ckpt", "last.ckpt"]
 
 
 @pytest.mark.slow
@@ -281,7 +277,7 @@ def gather_worker(kind: str, out: Path) -> None:
             param.add_(torch.randn(param.shape, generator=generator))
     expected = {key: value.clone() for key, value in module.model.state_dict().items()}
     root = wrap_zero3(module) if kind == "zero3" else wrap_fsdp1(module)
-    module.trainer = SimpleNamespace(strategy=SimpleNamespace(model=root), global_rank=rank)
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(model=root), global_rank=rank, datamodule=None)
 
     state = full_state_dict(module, "model")  # what on_train_end does
     if rank == 0:
