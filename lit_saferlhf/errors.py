@@ -75,14 +75,15 @@ class ModelDirError(ConfigError, FileNotFoundError):
         key: The config key that names the dir, e.g. ``policy`` (located like :class:`ConfigError`'s).
         path: The path given.
         problem: What is wrong with it.
+        detail: More about it (e.g. why the hub did not have it), shown after the path.
     """
 
-    def __init__(self, key: str, path: str, problem: str = "model dir not found") -> None:
+    def __init__(self, key: str, path: str, problem: str = "model dir not found", detail: str = "") -> None:
         super().__init__(key, "a model dir or a hub name", path)
-        self.problem = problem
+        self.problem, self.detail = problem, detail
 
     def __str__(self) -> str:
-        return f"{self.key}: {self.problem}: {self.found}"
+        return f"{self.key}: {self.problem}: {self.found}" + (f" ({self.detail})" if self.detail else "")
 
 
 class HubError(DataError, RuntimeError):

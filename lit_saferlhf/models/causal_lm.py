@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lit_saferlhf.errors import ConfigError
+from lit_saferlhf.errors import ConfigError, ModelDirError
 from lit_saferlhf.models.layouts import require_policy
 from lit_saferlhf.models.lora import LoraArgs, apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, partitioning
@@ -81,7 +81,11 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
 
         tokenizer = build_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=source.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=source.trust_remote_code)
+        except OSError as error:  # not a local dir, and the hub has no such model (or cannot be reached)
+            key, reason = "tokenizer" if source.tokenizer else "path", " ".join(str(error).split())[:200]
+            raise ModelDirError(key, name, "model dir not found, nor a model on the hub", reason) from error
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     if tokenizer.eos_token is None:

@@ -138,6 +138,15 @@ def test_model_settings(model: dict, message: str, tmp_path: Path, capsys) -> No
     assert "Repo id" not in line
 
 
+def test_a_name_that_is_neither_a_dir_nor_a_hub_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait in the test
+    data = write_jsonl(tmp_path / "rows.jsonl", [ROW])
+    line = fit_error(stage_config(tmp_path, "sft", data, model={"path": "no-such-dir-xq7"}), capsys)
+    assert_names(line, "model.init_args.model.path: model dir not found, nor a model on the hub: no-such-dir-xq7 (")
+
+
 PARSE_ERRORS = [
     ("--trainer.max_epochs=abc", "trainer.max_epochs: expected int"),
     ("--data.init_args.on_bad_record=maybe", "on_bad_record"),
