@@ -98,13 +98,15 @@ def test_a_ppo_run_killed_twice_repeats_the_uninterrupted_run_bit_for_bit(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run_to_end(ppo_args(whole, tiny_models), whole, "whole")
+    whole.mkdir()
+    uninterrupted = start(ppo_args(whole, tiny_models), whole / "whole.log")  # beside the killed runs: 2 cores
 
     first = kill_at(ppo_args(killed, tiny_models), killed, 2, "first")
     resume = f"--ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"
     second = kill_at(ppo_args(killed, tiny_models, resume), killed, min(first + 2, ROLLOUTS - 1), "second")
     assert 2 <= first < second < ROLLOUTS
     run_to_end(ppo_args(killed, tiny_models, resume), killed, "third")
+    finish(uninterrupted, whole / "whole.log", 0)
 
     expected = json.loads((whole / "model" / "multiplier_history.json").read_text())
     assert len(expected["multiplier"]) == ROLLOUTS
