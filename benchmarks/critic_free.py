@@ -15,7 +15,7 @@ SFT policy, answers the held-out ``safety-world:prompts-eval`` prompts with the 
 the ground truth scores each answer. Prints markdown (machine, command, one row per run, the mean
 per method, and issue 13's target stated as holding or not, with the numbers)::
 
-    OMP_NUM_THREADS=1 python benchmarks/critic_free.py --out benchmarks/results/critic_free.md   # ~10 min
+    OMP_NUM_THREADS=1 python benchmarks/critic_free.py --out benchmarks/results/critic_free.md   # 2-10 min
     OMP_NUM_THREADS=1 python benchmarks/critic_free.py --seeds 1337                           # one seed
 """
 
