@@ -430,7 +430,9 @@ KEEP_LOGITS_BYTES = 256 * 2**20
 """Largest float32 response logits ``(N, A, V)`` that backward may keep (else it recomputes them per chunk)."""
 
 
-def response_logprobs(model: Any, sequences: Tensor, attention: Tensor, start: int, chunk_size: int = 1024) -> Tensor:
+def response_logprobs(
+    model: Any, sequences: Tensor, attention: Tensor, start: int, chunk_size: int | None = None
+) -> Tensor:
     """Log-probs of the response tokens ``sequences[:, start:]`` under a causal LM, ``(N, A)``.
 
     From the decoder's last hidden states through :func:`~lit_saferlhf.losses.chunked_token_logprobs`:
@@ -447,7 +449,8 @@ def response_logprobs(model: Any, sequences: Tensor, attention: Tensor, start: i
         sequences: Prompt + response ids, ``(N, L)``.
         attention: Attention mask, ``(N, L)``; left-padded prompts.
         start: Column of the first response token.
-        chunk_size: Positions per chunk of the output layer.
+        chunk_size: Positions per chunk of the output layer. None: 64 on CPU (a chunk's logits stay in the
+            processor's cache: 20-40% faster than 1024 in ``benchmarks/ppo_step.py``'s shape), 1024 on GPUs.
     """
     positions = position_ids(attention)
     head = model.get_output_embeddings()
@@ -459,6 +462,7 @@ def response_logprobs(model: Any, sequences: Tensor, attention: Tensor, start: i
     hidden = model.get_decoder()(input_ids=sequences, attention_mask=attention, position_ids=positions)[0]
     softcap = getattr(config, "final_logit_softcapping", None)
     recompute = sequences[:, start:].numel() * head.weight.shape[0] * 4 > KEEP_LOGITS_BYTES  # float32 logits
+    chunk_size = chunk_size or (64 if hidden.device.type == "cpu" else 1024)
     return chunked_token_logprobs(
         hidden[:, start - 1 : -1], head.weight, sequences[:, start:], head.bias, chunk_size, softcap, recompute
     )
