@@ -9,12 +9,13 @@ with ``implicit_beta``). λ* is logged and saved in the export's ``objective.jso
 Decisions (METHODS.md: the dual is medium confidence, the policy step low): one constraint (the
 stage has one cost source); the constraint is an improvement over the reference,
 ``E_π[g] − E_ref[g] ≥ b`` (``margin`` = b); λ is bounded by ``max_multiplier``; MoCAN's policy step is
-DPO on soft labels ``σ(r_λ*(y_1) − r_λ*(y_0))`` of the data's pairs, PeCAN's the MODPO-style margin.
+DPO on soft labels ``σ(r_λ*(y_1) − r_λ*(y_0))`` of the data's pairs; PeCAN's the MODPO-style margin
+(``policy_step: margin``) or the same soft labels from the implicit rewards (``policy_step: labels``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -101,13 +102,25 @@ class MoCAN(_Dualized):
 
 
 class PeCAN(_Dualized):
-    """Preference-based CAN: implicit rewards of pre-aligned DPO models; MODPO-style margin on helpfulness pairs.
+    """Preference-based CAN: implicit rewards of pre-aligned DPO models; λ* from the dual, then one policy step.
 
     Configure the stage's ``reward_model`` as the helpfulness-DPO policy with ``implicit_beta: β_r``
     and its ``cost_model`` as the safety-DPO policy with ``implicit_beta: β_g`` and ``negate: true``
-    (both DPO runs from the same reference as this one), so ``c = −β_g ρ_{π_g}``.
+    (both DPO runs from the same reference as this one), so ``r̂ = β_r ρ_{π_r}`` and ``c = −ĝ = −β_g ρ_{π_g}``.
 
-    Args: as ``MoCAN`` (paper: β = 0.1 or 0.025).
+    The policy step (METHODS.md §4(b) marks it [mem]: the paper's text could not be read here):
+
+    - ``margin`` (default, METHODS.md's reading): the MODPO-style margin on the data's helpfulness
+      pairs, ``−log σ(β h − λ*(ĝ_w − ĝ_l))``. The helpfulness part comes from the data's labels, not
+      from r̂: with (near-)deterministic labels its implied reward gap is unbounded, so the margin
+      only weakens the push towards a more helpful but less safe response, never reverses it.
+    - ``labels``: DPO on soft pseudo-labels from the combined implicit reward,
+      ``p(y_1 ≻ y_0) = σ((r̂ + λ*ĝ)(y_1) − (r̂ + λ*ĝ)(y_0))`` (MoCAN's step with the implicit
+      rewards): the same r̂ and ĝ scale as the dual that chose λ*; needs no helpfulness label.
+
+    Args:
+        beta, margin, dual_samples, sample_prompts, max_multiplier: As ``MoCAN`` (paper: β = 0.1 or 0.025).
+        policy_step: ``margin`` or ``labels`` (above).
     """
 
     requires: ClassVar[tuple[Label, ...]] = ("better", "rewards", "costs")
@@ -119,11 +132,21 @@ class PeCAN(_Dualized):
         dual_samples: int = 64,
         sample_prompts: int = 128,
         max_multiplier: float = 100.0,
+        policy_step: Literal["margin", "labels"] = "margin",
     ) -> None:
         super().__init__(beta, margin, dual_samples, sample_prompts, max_multiplier)
+        if policy_step not in ("margin", "labels"):
+            raise ConfigError("policy_step", "'margin' or 'labels'", policy_step)
+        self.policy_step = policy_step
+        self.requires = ("better", "rewards", "costs") if policy_step == "margin" else ("rewards", "costs")
 
     def __call__(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """``−log σ(β h − λ*(ĝ_w − ĝ_l))`` on the helpfulness ordering."""
+        """``−log σ(β h − λ*(ĝ_w − ĝ_l))`` on the helpfulness ordering, or soft-label DPO on ``r̂ + λ*ĝ``."""
+        if self.policy_step == "labels":
+            prob_second = lagrangian_preference(batch.rewards, batch.costs, self.lam_or_fail())
+            loss, stats = soft_dpo_loss(batch.logratios[:, 1], batch.logratios[:, 0], prob_second, self.beta)
+            stats["label_second"] = prob_second.detach().mean()
+            return loss, stats
         chosen, rejected = ordered(batch.logratios, batch.better)
         cost_chosen, cost_rejected = ordered(batch.costs, batch.better)
         loss, stats = pecan_loss(chosen, rejected, cost_chosen, cost_rejected, self.lam_or_fail(), self.beta)

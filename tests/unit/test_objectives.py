@@ -327,6 +327,41 @@ def test_pecan_worked_example_and_plugin_ordering() -> None:
     assert objective(batch)[0].item() == pytest.approx(0.598139, abs=1e-6)
 
 
+def test_pecan_margin_sign_a_less_safe_helpful_answer_is_pushed_less_never_reversed() -> None:
+    """ĝ = −c: a more helpful answer that is also safer is pushed up harder than one that is less safe."""
+    objective = PeCAN(beta=0.1, dual_samples=2)
+    objective.load_state_dict({"multiplier": 2.0})
+    pushes = {}
+    for name, costs in (("safer", [[-1.0, 1.0]]), ("less_safe", [[1.0, -1.0]])):  # response 0 is the better one
+        logprobs = torch.zeros(1, 2, requires_grad=True)
+        batch = PairBatch(logprobs, torch.zeros(1, 2), better=torch.tensor([0]), costs=torch.tensor(costs),
+                          rewards=torch.zeros(1, 2))  # fmt: skip
+        objective(batch)[0].backward()
+        pushes[name] = -logprobs.grad[0, 0].item()  # > 0: training raises the better answer
+    assert pushes["safer"] == pytest.approx(0.1 * torch.sigmoid(torch.tensor(4.0)).item())  # logit 0 − 2·2
+    assert pushes["less_safe"] == pytest.approx(0.1 * torch.sigmoid(torch.tensor(-4.0)).item())
+    assert pushes["safer"] > pushes["less_safe"] > 0
+
+
+def test_pecan_labels_step_uses_the_combined_implicit_rewards() -> None:
+    objective = PeCAN(beta=0.1, dual_samples=2, policy_step="labels")
+    assert objective.requires == ("rewards", "costs")  # no helpfulness label needed
+    objective.load_state_dict({"multiplier": 1.0})
+    # (r̂ + λ*ĝ)(y_1) − (r̂ + λ*ĝ)(y_0) = 0.5 + 1·0.5 = 1 ⇒ p = 0.731059; β h = 0.5 ⇒ 0.608548 (METHODS.md §4(e)).
+    batch = PairBatch(torch.tensor([[0.0, 5.0]]), torch.zeros(1, 2), rewards=torch.tensor([[0.0, 0.5]]),
+                      costs=torch.tensor([[0.25, -0.25]]))  # fmt: skip
+    loss, stats = objective(batch)
+    assert loss.item() == pytest.approx(0.608548, abs=1e-6)
+    assert stats["label_second"].item() == pytest.approx(0.731059, abs=1e-6)
+    # More helpful (r̂ + 1) but unsafe (ĝ − 2, cost + 2): with λ* = 1 the safe response 0 is preferred.
+    logprobs = torch.zeros(1, 2, requires_grad=True)
+    batch = PairBatch(logprobs, torch.zeros(1, 2), rewards=torch.tensor([[0.0, 1.0]]), costs=torch.tensor([[0.0, 2.0]]))
+    objective(batch)[0].backward()
+    assert logprobs.grad[0, 0].item() < 0 < logprobs.grad[0, 1].item()  # training raises the safe one
+    with pytest.raises(ValueError, match="policy_step"):
+        PeCAN(policy_step="modpo")
+
+
 def test_dualized_objectives_need_two_samples() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         PeCAN(dual_samples=1)
