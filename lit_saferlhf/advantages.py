@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.losses import gae
 
 ENTRY_POINT_GROUP = "lit_saferlhf.advantages"
@@ -75,6 +76,9 @@ class GAE(AdvantageEstimator):
     """
 
     def __init__(self, gamma: float = 1.0, lam: float = 0.95) -> None:
+        for name, value in (("gamma", gamma), ("lam", lam)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError("model.init_args.advantage", f"GAE: `{name}` must be in [0, 1], got {value}")
         self.gamma, self.lam = gamma, lam
 
     def estimate(

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, chain, expected_error
+from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, CommandParser, chain, expected_error, output_dir
 from lit_saferlhf.parsing import cli_main, configure_parsing
 
 __all__ = ["COMMANDS", "cli_main", "configure_parsing", "main"]
@@ -37,12 +37,14 @@ def world_command(argv: Sequence[str]) -> None:
     """``lit-saferlhf world``: write the safety world's splits and tokenizer to a folder."""
     from lit_saferlhf.data.safety_world import RiskConfig, WorldConfig, write_world
 
-    parser = argparse.ArgumentParser(prog="lit-saferlhf world", description=world_command.__doc__)
+    parser = CommandParser(prog="lit-saferlhf world", description=world_command.__doc__)
     parser.add_argument("--out", required=True, help="folder to write <split>.jsonl files and tokenizer/ into")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     parser.add_argument("--risk", action="store_true", help="also write the risk splits (pairs-risk, prompts-risk*)")
     args = parser.parse_args(argv)
-    for name, path in write_world(args.out, WorldConfig(seed=args.seed), RiskConfig() if args.risk else None).items():
+    for name, path in write_world(
+        output_dir(args.out, "--out"), WorldConfig(seed=args.seed), RiskConfig() if args.risk else None
+    ).items():
         print(f"{name}: {path}")
 
 

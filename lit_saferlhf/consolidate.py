@@ -20,7 +20,6 @@ Checkpoints it reads:
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from torch import Tensor
 
-from lit_saferlhf.errors import DataError, InputNotFoundError
+from lit_saferlhf.errors import CommandParser, DataError, InputNotFoundError, output_dir
 from lit_saferlhf.models.lora import restore_frozen
 from lit_saferlhf.parsing import configure_parsing  # (importing it imports the stages and datamodules)
 
@@ -216,7 +215,7 @@ def export_checkpoint(fit_args: Sequence[str], ckpt_path: str | Path, out: str |
 
 def export_command(argv: Sequence[str]) -> None:
     """``lit-saferlhf export``: write a stage's Hugging Face dir from one of its training checkpoints."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="lit-saferlhf export",
         usage="lit-saferlhf export --config STAGE.yaml [more fit arguments] --ckpt_path CKPT --out DIR",
         description=export_command.__doc__,
@@ -229,4 +228,5 @@ def export_command(argv: Sequence[str]) -> None:
     )
     parser.add_argument("--out", required=True, help="the Hugging Face dir to write")
     args, fit_args = parser.parse_known_args(list(argv))
+    output_dir(Path(args.out).absolute().parent, "--out")
     export_checkpoint(fit_args, args.ckpt_path, args.out)

@@ -13,12 +13,13 @@ validate against any of the Union subtypes", Lightning's hooks) and turns a full
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from jsonargparse import Namespace
@@ -86,6 +87,44 @@ class ModelDirError(ConfigError, FileNotFoundError):
         return f"{self.key}: {self.problem}: {self.found}" + (f" ({self.detail})" if self.detail else "")
 
 
+class ModelLayoutError(LitSafeRLHFError, ValueError):
+    """A model dir whose files do not fit its role (a score model as the policy, a head of the wrong shape).
+
+    The message starts with the dir (or the setting that names it) and says what was expected and found.
+    """
+
+
+class MissingTensorError(ModelLayoutError, KeyError):
+    """A model dir whose checkpoint lacks a tensor its layout needs."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # KeyError's own str() would quote the message
+
+
+class HardwareError(ConfigError, RuntimeError):
+    """A setting this machine cannot run (QLoRA without a CUDA GPU)."""
+
+
+class StageError(LitSafeRLHFError, RuntimeError):
+    """A pipeline stage that ended without doing its part (e.g. writing its export)."""
+
+
+class UsageError(LitSafeRLHFError):
+    """A command line that the command's argument parser refuses (a missing option, a value of the wrong type)."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` of a project command whose parse errors go to the CLI's error boundary.
+
+    argparse prints the usage and exits by itself; here a parse error raises :class:`UsageError`, which
+    ``lit-saferlhf`` prints as one ``error: PROG: MESSAGE`` line (exit status 2).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Raise :class:`UsageError` instead of printing the usage and exiting."""
+        raise UsageError(f"{self.prog}: {message} (`{self.prog} --help` lists the options)")
+
+
 class HubError(DataError, RuntimeError):
     """A hub dataset or model that could not be loaded (offline, a typo in the name)."""
 
@@ -101,6 +140,23 @@ class DiskFullError(LitSafeRLHFError, OSError):
         where = str(path) if path is not None else "(a file whose name the system did not report)"
         super().__init__(f"disk full while writing {where}" + (f" ({detail})" if detail else ""))
         self.path = path
+
+
+def output_dir(path: str | Path, key: str) -> Path:
+    """Create the output dir ``path`` (with its parents); one that cannot be created is a :class:`ConfigError`.
+
+    Args:
+        path: The dir to write into.
+        key: The option that names it (``--out``), for the message.
+    """
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise DiskFullError(path, error.strerror or "") from error
+        reason = error.strerror or str(error)
+        raise ConfigError(key, f"a dir that can be created and written to, found {str(path)!r} ({reason})") from error
+    return Path(path)
 
 
 def require(condition: bool, key: str, expected: str, found: Any) -> None:
@@ -143,19 +199,27 @@ def expected_error(error: BaseException) -> LitSafeRLHFError | None:
 def writing(path: str | Path) -> Iterator[None]:
     """Report a full disk while writing ``path`` as :class:`DiskFullError` naming ``path``.
 
-    ``torch.save`` reports a short write as a RuntimeError (``unexpected pos ...``) without an
-    errno; that too counts as a full disk here, with torch's words kept in the message.
+    Besides ``OSError(ENOSPC)``, two library errors without an errno count as a full disk here, with
+    their words kept in the message: ``torch.save``'s RuntimeError for a short write (``unexpected pos
+    ...``), and errors whose text holds the system's "No space left on device" (safetensors and
+    tokenizers report their Rust IO errors so).
     """
     try:
         yield
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
+    except Exception as error:
+        if isinstance(error, LitSafeRLHFError) or not _disk_full(error):
             raise
-        raise DiskFullError(path, error.strerror or "") from error
-    except RuntimeError as error:
-        if not any(failure in str(error) for failure in _TORCH_WRITE_FAILURES):
-            raise
-        raise DiskFullError(path, str(error).strip().splitlines()[-1]) from error
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise DiskFullError(path, error.strerror or "") from error
+        raise DiskFullError(path, " ".join(str(error).split()).strip()[-200:]) from error
+
+
+def _disk_full(error: Exception) -> bool:
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno == errno.ENOSPC
+    if isinstance(error, RuntimeError) and any(failure in str(error) for failure in _TORCH_WRITE_FAILURES):
+        return True
+    return NO_SPACE in str(error)
 
 
 def locate(error: ConfigError, config: Namespace) -> None:

@@ -41,7 +41,7 @@ from lit_saferlhf.data.collate import Encoder, attention_mask, collate_prompts, 
 from lit_saferlhf.data.readers import READERS, SAFETY_WORLD_PREFIX
 from lit_saferlhf.data.records import Conversation, PromptRecord, user_prompt
 from lit_saferlhf.data.templates import SafeRLHFTemplate, Template, recorded_template
-from lit_saferlhf.errors import ModelDirError
+from lit_saferlhf.errors import ConfigError, ModelDirError
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
 from lit_saferlhf.models.layouts import require_policy, require_score_model
 from lit_saferlhf.models.score_model import ScoreModel
@@ -122,7 +122,7 @@ class PromptSet:
         """``"data/advbench.csv#goal"`` -> ``PromptSet("advbench", "data/advbench.csv", "goal")``."""
         path, _, column = spec.partition("#")
         if not path or (_ and not column):
-            raise ValueError(f"prompt set {spec!r}: expected `path` or `path#column`")
+            raise ConfigError("prompt_sets", "`path` or `path#column`", spec)
         if path.startswith(SAFETY_WORLD_PREFIX):
             return cls(path[len(SAFETY_WORLD_PREFIX) :], path, column or "prompt")
         name = Path(path).name
@@ -134,13 +134,13 @@ def load_prompt_sets(specs: Sequence[str], limit: int | None) -> dict[PromptSet,
     """Parse and read each prompt set (at most ``limit`` rows each), keyed by set, in order.
 
     Raises:
-        ValueError: Two sets share a name, or a set has no prompts.
+        ConfigError: Two sets share a name, or a set has no prompts.
         BadRecordError: A row lacks the prompt column (the message names file, row and column).
     """
     sets = [PromptSet.parse(spec) for spec in specs]
     names = [prompt_set.name for prompt_set in sets]
     if len(set(names)) != len(names) or not sets:
-        raise ValueError(f"prompt_sets: expected at least one set and distinct names, found {names}")
+        raise ConfigError("prompt_sets", "at least one set and distinct names", names)
     adapters = {prompt_set: PromptList(column=prompt_set.column) for prompt_set in sets}
     return {s: load_records(s.path, adapters[s], "prompt", limit=limit).records for s in sets}
 
@@ -410,7 +410,7 @@ def arena(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> dict[str,
 def check_inputs(policies: dict[str, str], reward_model: str, cost_model: str, arena_names: list[str] | None) -> None:
     """Fail before any generation when a dir is missing or the arena names unknown policies."""
     if not policies:
-        raise ValueError("policies: name at least one policy, e.g. {sft: outputs/tiny/sft/model}")
+        raise ConfigError("policies", "name at least one policy, e.g. {sft: outputs/tiny/sft/model}")
     for name, path in policies.items():
         if not Path(path).is_dir():
             raise ModelDirError(f"policies.{name}", path)
@@ -418,7 +418,7 @@ def check_inputs(policies: dict[str, str], reward_model: str, cost_model: str, a
     check_score_model_dir(reward_model, "reward_model")
     check_score_model_dir(cost_model, "cost_model")
     if arena_names is not None and (len(arena_names) != 2 or not set(arena_names) <= set(policies)):
-        raise ValueError(f"arena: expected two of the policies {sorted(policies)}, found {arena_names}")
+        raise ConfigError("arena", f"two of the policies {sorted(policies)}", arena_names)
 
 
 def generate_all(

@@ -14,16 +14,17 @@ come from the first model; ``merge.json`` beside the weights records the inputs 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lit_saferlhf.errors import ConfigError, DataError
+from lit_saferlhf.errors import CommandParser, ConfigError, DataError, ModelDirError, output_dir
 from lit_saferlhf.models.causal_lm import export
+from lit_saferlhf.models.layouts import require_policy
+from lit_saferlhf.utils import check_model_path
 
 
 def linear_merge(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
@@ -57,7 +58,7 @@ def linear_merge(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) 
 
 def merge_command(argv: Sequence[str]) -> Path:
     """Parse ``argv``, merge the models, and write the merged export."""
-    parser = argparse.ArgumentParser(prog="lit-saferlhf merge", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="lit-saferlhf merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="Hugging Face causal-LM dirs (2 or more)")
     parser.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per model")
     parser.add_argument("--out", required=True, help="the merged model's dir (replaced if it exists)")
@@ -66,13 +67,24 @@ def merge_command(argv: Sequence[str]) -> Path:
     )
     args = parser.parse_args(argv)
     weights = args.weights if args.no_normalize else normalized(args.weights)
-    models = [AutoModelForCausalLM.from_pretrained(path) for path in args.models]
+    output_dir(Path(args.out).parent, "--out")
+    models = [load_policy(path) for path in args.models]
     merged = linear_merge([model.state_dict() for model in models], weights)
     models[0].load_state_dict(merged)
     out = export(models[0], AutoTokenizer.from_pretrained(args.models[0]), args.out)
     (out / "merge.json").write_text(json.dumps({"method": "linear", "models": args.models, "weights": weights}))
     print(f"merged {len(models)} models with weights {weights} into {out}")
     return out
+
+
+def load_policy(path: str) -> PreTrainedModel:
+    """The causal LM in ``path``, refused as ``--models`` when missing, a score model, or not loadable."""
+    check_model_path(path, "--models")
+    require_policy(path, "--models")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as error:  # transformers: no such hub model, no weights, an unknown model type
+        raise ModelDirError("--models", path, "not a causal-LM dir", " ".join(str(error).split())[:200]) from error
 
 
 def normalized(weights: Sequence[float]) -> list[float]:

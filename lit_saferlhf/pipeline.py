@@ -23,6 +23,8 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 
+from lit_saferlhf.errors import InputNotFoundError, StageError, require
+
 console = Console()
 
 
@@ -111,14 +113,14 @@ def run_stage(index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint
         return json.loads(done.read_text())
     missing = [source for source in spec.inputs.values() if not (out_dir / source / "model").is_dir()]
     if missing:
-        raise FileNotFoundError(f"stage {spec.name!r} needs the exports of {missing}, which are not under {out_dir}")
+        raise InputNotFoundError(f"stage {spec.name!r} needs the exports of {missing}, which are not under {out_dir}")
     args = stage_args(spec, out_dir, checkpoint_every)
     resumed = any(arg.startswith("--ckpt_path") for arg in args)
     console.rule(f"[bold]Stage {index}/{total} · {spec.name}[/] ({spec.config}{', resuming' if resumed else ''})")
     started = time.perf_counter()
     cli_main(args)
     if not export.is_dir():  # the stage is done only once its export exists
-        raise RuntimeError(f"stage {spec.name!r}: `lit-saferlhf {' '.join(args)}` ended without writing {export}")
+        raise StageError(f"stage {spec.name!r}: `lit-saferlhf {' '.join(args)}` ended without writing {export}")
     record = {
         "name": spec.name,
         "config": spec.config,
@@ -158,12 +160,26 @@ def cost_limit_of(spec: StageSpec) -> float | None:
     return None if limit is None else float(limit)
 
 
+def check_pipeline(stages: list[StageSpec], checkpoint_every: int) -> None:
+    """Fail before the first stage runs on settings that would fail later, naming the key.
+
+    Raises:
+        ConfigError: ``checkpoint_every`` < 1, no stages or two with one name, or a stage YAML that does not exist.
+    """
+    require(checkpoint_every >= 1, "checkpoint_every", "a number of steps >= 1", checkpoint_every)
+    names = [spec.name for spec in stages]
+    require(bool(names) and len(set(names)) == len(names), "stages", "at least one stage, distinct names", names)
+    for spec in stages:
+        require(Path(spec.config).is_file(), f"stages.{spec.name}.config", "a stage YAML that exists", spec.config)
+
+
 def pipeline(
     out_dir: str, stages: list[StageSpec], evaluation: EvaluationSpec | None = None, checkpoint_every: int = 50
 ) -> Path | None:
     """Run the stages in order, then the evaluation and the report; returns the report's path."""
     from lit_saferlhf.report import print_summary, write_report
 
+    check_pipeline(stages, checkpoint_every)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     records = [run_stage(i, spec, root, len(stages), checkpoint_every) for i, spec in enumerate(stages, 1)]

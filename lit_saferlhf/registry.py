@@ -21,11 +21,15 @@ from importlib.metadata import EntryPoint, entry_points
 import lit_saferlhf_plugins.advantages as builtin_advantages
 import lit_saferlhf_plugins.solvers as builtin
 from lit_saferlhf import advantages
+from lit_saferlhf.errors import LitSafeRLHFError
 from lit_saferlhf.solvers import ENTRY_POINT_GROUP, ConstraintSolver
 
 
-class PluginError(RuntimeError):
-    """An entry point failed to load, does not name a subclass of its group's contract, or clashes."""
+class PluginError(LitSafeRLHFError, RuntimeError):
+    """An entry point failed to load, does not name a subclass of its group's contract, or clashes.
+
+    An installed plugin is the user's setting: ``lit-saferlhf`` reports it in one line (exit status 2).
+    """
 
 
 def load_solver_plugins() -> dict[str, type[ConstraintSolver]]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_saferlhf.errors import require
+from lit_saferlhf.errors import ConfigError, require
 from lit_saferlhf.losses import chunked_token_logprobs, gather_logprobs
 
 
@@ -94,6 +94,9 @@ class HFGenerate(Generator):
         )
 
 
+GENERATOR_KEY = "model.init_args.generator"
+"""Where a PPO-Lagrangian config sets the generation backend, for errors in its settings."""
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
 """Model types whose forward this backend drives with a static cache and ``position_ids`` (tested on CPU)."""
 
@@ -149,8 +152,8 @@ class StaticCacheGenerate(Generator):
         self, compile: bool | None = None, check_every: int = 8, prompt_bucket: int = 16, gather: bool | None = None
     ) -> None:
         if check_every < 1 or prompt_bucket < 1:
-            raise ValueError(f"StaticCacheGenerate: check_every and prompt_bucket must be >= 1, got {check_every}, "
-                             f"{prompt_bucket}")  # fmt: skip
+            raise ConfigError(GENERATOR_KEY, f"StaticCacheGenerate: check_every and prompt_bucket must be >= 1, got "
+                              f"{check_every}, {prompt_bucket}")  # fmt: skip
         self.compile, self.check_every, self.prompt_bucket, self.gather = compile, check_every, prompt_bucket, gather
         self._cache: Any = None
         self._step: Any = None
@@ -247,10 +250,11 @@ def check_supported(model: Any) -> None:
     """Refuse a model this backend cannot drive exactly: its type, or ``generation_config`` settings it ignores."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise ConfigError(
+            GENERATOR_KEY,
             f"StaticCacheGenerate: model type {model_type!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}); use model.generator: "
-            "{class_path: lit_saferlhf.rollout.HFGenerate} for this model"
+            "{class_path: lit_saferlhf.rollout.HFGenerate} for this model",
         )
     config = getattr(model, "generation_config", None)
     active = {
@@ -259,10 +263,11 @@ def check_supported(model: Any) -> None:
         if getattr(config, name, no_op) not in (None, no_op)
     }
     if active:
-        raise ValueError(
+        raise ConfigError(
+            GENERATOR_KEY,
             f"StaticCacheGenerate: the model's generation_config sets {active}, which Hugging Face generate "
             "applies and this backend does not; reset them in generation_config.json or use "
-            "lit_saferlhf.rollout.HFGenerate"
+            "lit_saferlhf.rollout.HFGenerate",
         )
 
 

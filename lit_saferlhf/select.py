@@ -30,7 +30,6 @@ set to our name, followed by a report (printed, and written as ``<out>.report.js
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_saferlhf.data.readers import read_rows
-from lit_saferlhf.errors import ConfigError, DataError
+from lit_saferlhf.errors import CommandParser, ConfigError, DataError, output_dir
 
 HARMFUL = ("EHD", "IHD", "MHD")
 """The quota categories, in the order of ``--ratio``."""
@@ -263,7 +262,7 @@ class HFRiskClassifier:
 
 def select_command(argv: Sequence[str]) -> SelectionReport:
     """``lit-saferlhf select``: write an FDC safety set with exact quotas per risk category, and its report."""
-    parser = argparse.ArgumentParser(prog="lit-saferlhf select", description=select_command.__doc__)
+    parser = CommandParser(prog="lit-saferlhf select", description=select_command.__doc__)
     parser.add_argument("--data", required=True, nargs="+", help="files or safety-world:<split> to select from")
     parser.add_argument("--out", required=True, help="the selected records as JSONL (report: <out>.report.json)")
     parser.add_argument("--total", required=True, type=int, help="records to select in all")
@@ -284,7 +283,7 @@ def select_command(argv: Sequence[str]) -> SelectionReport:
     rows = (pair for path in args.data for pair in read_rows(path))
     selected, report = select_records(rows, label_of, quotas_from_ratio(args.total, parse_ratio(args.ratio)), args.seed)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_dir(out.parent, "--out")
     out.write_text("".join(json.dumps(row) + "\n" for row in selected))
     Path(f"{out}.report.json").write_text(json.dumps({"command": ["select", *argv], **asdict(report)}, indent=2) + "\n")
     print("\n".join([*report.lines(), f"wrote {out} and {out}.report.json"]))

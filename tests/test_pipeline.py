@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -116,20 +117,26 @@ def test_a_stage_recorded_as_finished_without_its_export_writes_it_from_the_last
     assert json.loads((stage / "model" / "multiplier_history.json").read_text()) == history  # no step trained again
 
 
-def test_a_stage_that_writes_no_export_is_not_recorded_as_finished(tmp_path: Path) -> None:
+def test_a_stage_that_writes_no_export_is_not_recorded_as_finished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = yaml.safe_load(write_pipeline(tmp_path / "pipeline.yaml", tmp_path / "out").read_text())
     config["stages"] = config["stages"][:1]
     config["stages"][0]["overrides"] |= {"model.init_args.export_dir": None, "trainer.max_steps": 1}
     config.pop("evaluation")
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(RuntimeError, match=r"stage 'sft': .* ended without writing .*sft/model"):
+    with pytest.raises(SystemExit) as exit_info:  # a StageError (a RuntimeError): one line, exit status 2
         main(["pipeline", "--config", str(tmp_path / "pipeline.yaml")])
+    assert exit_info.value.code == 2
+    assert re.search(r"error: stage 'sft': .* ended without writing .*sft/model", capsys.readouterr().err)
     assert not (tmp_path / "out" / "sft" / "stage.json").exists()
 
 
-def test_a_stage_whose_inputs_are_missing_is_refused(tmp_path: Path) -> None:
+def test_a_stage_whose_inputs_are_missing_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = yaml.safe_load(write_pipeline(tmp_path / "pipeline.yaml", tmp_path / "out").read_text())
     config["stages"] = config["stages"][1:2]  # the reward stage without the SFT stage before it
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(FileNotFoundError, match=r"needs the exports of \['sft'\]"):
+    with pytest.raises(SystemExit) as exit_info:  # an InputNotFoundError (a FileNotFoundError): one line, status 2
         main(["pipeline", "--config", str(tmp_path / "pipeline.yaml")])
+    assert exit_info.value.code == 2
+    assert "error: stage 'reward' needs the exports of ['sft']" in capsys.readouterr().err

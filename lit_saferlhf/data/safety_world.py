@@ -82,6 +82,8 @@ from typing import Literal
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from lit_saferlhf.errors import DataError
+
 ResponseKind = Literal["comply", "refuse", "redirect", "other"]
 
 
@@ -551,7 +553,7 @@ def _split_size(split: str, config: WorldConfig) -> int:
     }  # fmt: skip
     if split not in sizes:
         valid = ", ".join((*SPLITS, *RISK_SPLITS))
-        raise ValueError(f"unknown safety-world split {split!r}; valid splits: {valid}")
+        raise DataError(f"unknown safety-world split {split!r}; valid splits: {valid}")
     return sizes[split]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from lit_saferlhf.data.records import Conversation
+from lit_saferlhf.errors import ConfigError, ModelLayoutError
 
 
 class Template(ABC):
@@ -58,7 +59,9 @@ class ChatTemplate(Template):
     def format_prompt(self, prompt: Conversation, tokenizer: PreTrainedTokenizerBase) -> str:
         """Render with the generation prompt added, as the template's model expects."""
         if tokenizer.chat_template is None:
-            raise ValueError(f"{type(tokenizer).__name__} has no chat template; use SafeRLHFTemplate instead")
+            raise ConfigError(
+                "template", f"{type(tokenizer).__name__} has no chat template; use SafeRLHFTemplate instead"
+            )
         messages = [{"role": message.role, "content": message.content} for message in prompt]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -83,16 +86,16 @@ def template_from_record(record: dict[str, Any], source: str) -> Template:
     """The template a :func:`template_record` describes (``source`` names the file in errors).
 
     Raises:
-        ValueError: The class cannot be imported, is not a ``Template``, or rejects the arguments.
+        ModelLayoutError: The class cannot be imported, is not a ``Template``, or rejects the arguments.
     """
     module, _, name = record.get("class_path", "").rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
         template = cls(**record.get("init_args", {}))
     except (ImportError, AttributeError, TypeError, ValueError) as error:
-        raise ValueError(f"{source}: cannot rebuild the recorded template {record} ({error})") from error
+        raise ModelLayoutError(f"{source}: cannot rebuild the recorded template {record} ({error})") from error
     if not isinstance(template, Template):
-        raise ValueError(f"{source}: the recorded template {record['class_path']} is not a Template")
+        raise ModelLayoutError(f"{source}: the recorded template {record['class_path']} is not a Template")
     return template
 
 

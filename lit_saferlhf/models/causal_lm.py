@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lit_saferlhf.errors import ConfigError, ModelDirError
+from lit_saferlhf.errors import ConfigError, ModelDirError, ModelLayoutError, writing
 from lit_saferlhf.models.layouts import require_policy
 from lit_saferlhf.models.lora import LoraArgs, apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, partitioning
@@ -66,7 +68,7 @@ class ModelSource:
                 check_model_path(getattr(self, key), key)
         torch_dtype(self.dtype)  # a dtype torch does not have fails at start-up
         if self.lora is not None and self.lora.quantize is not None and self.path is None:
-            raise ValueError("model.lora.quantize: QLoRA quantizes pretrained weights; set `path`, not `config`")
+            raise ConfigError("model.lora.quantize", "QLoRA quantizes pretrained weights; set `path`, not `config`")
 
 
 # Stages built in Python (not by the CLI) keep these in their checkpoints' hyper-parameters.
@@ -89,7 +91,7 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer {name!r} has no EOS token: responses need one to end")
+        raise ModelLayoutError(f"tokenizer {name!r} has no EOS token: responses need one to end")
     return tokenizer
 
 
@@ -140,10 +142,11 @@ def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     """Grow the input (and tied output) embeddings when the tokenizer has more tokens."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows and partitioning():
-        raise ValueError(
+        raise ConfigError(
+            "trainer.strategy",
             f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings {rows} rows, and they cannot be "
             "resized once DeepSpeed ZeRO-3 has partitioned them: resize and save the model first (e.g. run the "
-            "SFT stage without ZeRO-3, or load it, call resize_token_embeddings and save_pretrained)"
+            "SFT stage without ZeRO-3, or load it, call resize_token_embeddings and save_pretrained)",
         )
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
@@ -175,15 +178,32 @@ def export(
     ``multiplier_history.json``) are written into the dir before it is renamed into place too.
     """
     out_dir = Path(out_dir)
+    with staged_dir(out_dir) as staging:
+        network, state_dict = export_view(model, state_dict)
+        network.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+    return out_dir
+
+
+@contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """A staging dir beside ``out_dir`` to write an export into, renamed into place once the block ends.
+
+    If the block fails, the staging dir is removed and an older ``out_dir`` stays as it was; a full disk
+    is a ``DiskFullError`` naming ``out_dir``. (safetensors writes each file to a temporary name and
+    renames it, so a full disk shows only here, not as a failed write of a named file.)
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    network, state_dict = export_view(model, state_dict)
-    network.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(staging)
-    for name, text in (extra_files or {}).items():
-        (staging / name).write_text(text)
+    try:
+        with writing(out_dir):
+            yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     replace_dir(staging, out_dir)
-    return out_dir
 
 
 def replace_dir(staging: Path, out_dir: Path) -> None:

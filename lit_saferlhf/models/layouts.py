@@ -30,6 +30,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from lit_saferlhf.errors import InputNotFoundError, MissingTensorError, ModelLayoutError
+
 LayoutKind = Literal["lit-saferlhf", "sequence-classification", "safe-rlhf", "language-model"]
 EndToken = Literal["attention_mask", "last_non_pad"]
 
@@ -118,17 +120,17 @@ class Layout:
         """The head and normaliser saved in the dir (reads only the head's tensors).
 
         Raises:
-            ValueError: The dir has no head, or its head is not ``Linear(hidden, 1)``.
+            ModelLayoutError: The dir has no head, or its head is not ``Linear(hidden, 1)``.
         """
         if self.kind == "language-model":
-            raise ValueError(f"{self.path}: a {self.describe()} has no score head")
+            raise ModelLayoutError(f"{self.path}: a {self.describe()} has no score head")
         if self.kind == "lit-saferlhf":
             return self._read_ours()
         prefix = "score" if self.kind == "sequence-classification" else "score_head"
         tensors = read_tensors(self, [f"{prefix}.weight"], optional=[f"{prefix}.bias", *NORMALIZER_KEYS])
         weight = tensors[f"{prefix}.weight"]
         if weight.ndim != 2 or weight.shape[0] != 1:
-            raise ValueError(
+            raise ModelLayoutError(
                 f"{self.path}: the score head {prefix}.weight has shape {tuple(weight.shape)}; a score model needs "
                 "one score per token, shape (1, hidden)"
             )
@@ -155,12 +157,14 @@ class Layout:
         """safe-rlhf's normaliser: buffers from the weights (else ``mean``/``var`` from the config)."""
         score_type = self.config.get("score_type", "reward")
         if score_type not in SAFE_RLHF_FUNCTIONS:
-            raise ValueError(
+            raise ModelLayoutError(
                 f"{self.path}: config.json score_type must be one of reward, cost, critic, found {score_type!r}"
             )
         normalizer_type = self.config.get("normalizer_type")
         if normalizer_type not in SAFE_RLHF_KINDS:
-            raise ValueError(f"{self.path}: config.json normalizer_type {normalizer_type!r} is not one safe-rlhf knows")
+            raise ModelLayoutError(
+                f"{self.path}: config.json normalizer_type {normalizer_type!r} is not one safe-rlhf knows"
+            )
 
         def stat(name: str, default: float) -> float:
             if f"normalizer.{name}" in tensors:
@@ -201,13 +205,13 @@ def detect_layout(path: str | Path) -> Layout:
     """Which layout the model dir (or hub name) ``path`` is in, from its files and ``config.json``.
 
     Raises:
-        FileNotFoundError: No such dir (and no such hub model), or it has no ``config.json``.
-        ValueError: A sequence classifier with more than one label, or a safe-rlhf model with ``score_dim`` > 1.
+        InputNotFoundError: No such dir (and no such hub model), or it has no ``config.json``.
+        ModelLayoutError: A sequence classifier with more than one label, or a safe-rlhf model with ``score_dim`` > 1.
     """
     path = str(path)
     local = local_json_dir(path)
     if not (local / "config.json").is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{path}: no config.json, so this is not a Hugging Face model dir; expected one of the score-model "
             f"layouts {list(SCORE_LAYOUTS)} or a causal LM"
         )
@@ -218,14 +222,14 @@ def detect_layout(path: str | Path) -> Layout:
     if any(name.endswith("ForSequenceClassification") for name in architectures):
         labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
         if labels != 1:
-            raise ValueError(
+            raise ModelLayoutError(
                 f"{path}: a {architectures[0]} with {labels} labels; a reward or cost model has one "
                 "(num_labels=1, one score per sequence)"
             )
         return Layout("sequence-classification", path, local, config)
     if any(name.endswith("ForScore") for name in architectures) or "score_dim" in config:
         if int(config.get("score_dim", 1)) != 1:
-            raise ValueError(f"{path}: a safe-rlhf score model with score_dim={config['score_dim']}; expected 1")
+            raise ModelLayoutError(f"{path}: a safe-rlhf score model with score_dim={config['score_dim']}; expected 1")
         return Layout("safe-rlhf", path, local, config)
     return Layout("language-model", path, local, config)
 
@@ -234,11 +238,11 @@ def require_score_model(path: str | Path, role: str) -> Layout:
     """The layout of ``path``, which must hold a trained score head (``role`` names it in the error).
 
     Raises:
-        ValueError: ``path`` is a causal LM or base model (no head), naming the layouts looked for.
+        ModelLayoutError: ``path`` is a causal LM or base model (no head), naming the layouts looked for.
     """
     layout = detect_layout(path)
     if not layout.has_head:
-        raise ValueError(
+        raise ModelLayoutError(
             f"{role}: {path} is a {layout.describe()} without a score head; a {role} must be a trained score "
             f"model in one of the layouts {list(SCORE_LAYOUTS)}. Only the reward and cost stages put a new head "
             "on a language model (train one first with cli_configs/.../reward.yaml or cost.yaml)"
@@ -253,14 +257,14 @@ def require_policy(path: str | Path, role: str = "policy") -> None:
     transformers then loads it or says why not.
 
     Raises:
-        ValueError: ``path`` holds a score model (it would load with a random language-model head).
+        ModelLayoutError: ``path`` holds a score model (it would load with a random language-model head).
     """
     try:
         layout = detect_layout(path)
     except FileNotFoundError:
         return
     if layout.has_head:
-        raise ValueError(
+        raise ModelLayoutError(
             f"{role}: {path} is a score model ({layout.describe()}), not a causal language model; give the "
             "policy dir here (e.g. the SFT export) and score models as reward_model / cost_model"
         )
@@ -280,7 +284,7 @@ def local_json_dir(path: str) -> Path:
 
         return Path(snapshot_download(path, allow_patterns=["*.json"]))
     except Exception as error:  # a bad repo id, no network, no such repo: all mean "not found" here
-        raise FileNotFoundError(f"{path}: no such model dir, and not found as a hub model ({error})") from error
+        raise InputNotFoundError(f"{path}: no such model dir, and not found as a hub model ({error})") from error
 
 
 def local_file(layout: Layout, name: str) -> Path:
@@ -302,7 +306,7 @@ def weight_map(layout: Layout) -> dict[str, str]:
     """Tensor name -> file, from a shard index, or every name of the single weights file.
 
     Raises:
-        FileNotFoundError: The dir has no ``model.safetensors`` or ``pytorch_model.bin`` (sharded or not).
+        InputNotFoundError: The dir has no ``model.safetensors`` or ``pytorch_model.bin`` (sharded or not).
     """
     for single in WEIGHT_FILES:
         index = layout.local_dir / f"{single}.index.json"
@@ -315,7 +319,7 @@ def weight_map(layout: Layout) -> dict[str, str]:
             continue
         if file.is_file():
             return dict.fromkeys(_keys(file), single)
-    raise FileNotFoundError(f"{layout.path}: no weights ({' or '.join(WEIGHT_FILES)}, sharded or not)")
+    raise InputNotFoundError(f"{layout.path}: no weights ({' or '.join(WEIGHT_FILES)}, sharded or not)")
 
 
 def _keys(file: Path) -> list[str]:
@@ -329,13 +333,13 @@ def read_tensors(layout: Layout, names: list[str], optional: list[str] | tuple[s
     """The named tensors of the dir's checkpoint (``optional`` ones only when present), read file by file.
 
     Raises:
-        KeyError: A required tensor is missing (the message lists the head-like names found).
+        MissingTensorError: A required tensor is missing (the message lists the head-like names found).
     """
     files = weight_map(layout)
     missing = [name for name in names if name not in files]
     if missing:
         heads = sorted(key for key in files if not key.startswith(("model.", "transformer.", "gpt_neox.")))[:10]
-        raise KeyError(
+        raise MissingTensorError(
             f"{layout.path}: the checkpoint has no {missing} (a {layout.describe()}); other tensors: {heads}"
         )
     wanted = [name for name in (*names, *optional) if name in files]

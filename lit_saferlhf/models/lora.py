@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lit_saferlhf.errors import ConfigError, HardwareError
+
 EXPORT_MODE = "lit_saferlhf_export"
 """Attribute of a ``peft`` model that records its ``LoraArgs.export``."""
 
@@ -53,9 +55,9 @@ class LoraArgs:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"lora.r: expected a rank >= 1, found {self.r}")
+            raise ConfigError("lora.r", "a rank >= 1", self.r)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout: expected a probability in [0, 1), found {self.dropout}")
+            raise ConfigError("lora.dropout", "a probability in [0, 1)", self.dropout)
 
 
 # Stages built in Python keep these in their checkpoints' hyper-parameters (inside ModelSource).
@@ -66,14 +68,15 @@ def quantization_kwargs(args: LoraArgs | None) -> dict[str, Any]:
     """``from_pretrained`` arguments that load the base in 4 bits for QLoRA; empty otherwise.
 
     Raises:
-        RuntimeError: QLoRA was asked for on a machine without CUDA.
+        HardwareError: QLoRA was asked for on a machine without CUDA (a RuntimeError).
     """
     if args is None or args.quantize is None:
         return {}
     if not torch.cuda.is_available():
-        raise RuntimeError(
-            f"lora.quantize: {args.quantize!r} (QLoRA) loads the base in 4 bits with bitsandbytes, which needs a "
-            "CUDA GPU, and none is available here. Set lora.quantize: null to train LoRA on a full-precision base."
+        raise HardwareError(
+            "lora.quantize",
+            f"{args.quantize!r} (QLoRA) loads the base in 4 bits with bitsandbytes, which needs a "
+            "CUDA GPU, and none is available here. Set lora.quantize: null to train LoRA on a full-precision base.",
         )
     from transformers import BitsAndBytesConfig
 
@@ -114,9 +117,10 @@ def apply_lora(
     peft_model = get_peft_model(model, config)
     unsupported = {type(layer).__name__ for layer in lora_layers(peft_model).values()} - {"Linear", "Linear4bit"}
     if unsupported:
-        raise ValueError(
-            f"lora.target_modules: adapters on {sorted(unsupported)} layers cannot be merged for export; "
-            "target linear layers only (e.g. [q_proj, k_proj, v_proj, o_proj])"
+        raise ConfigError(
+            "lora.target_modules",
+            f"adapters on {sorted(unsupported)} layers cannot be merged for export; "
+            "target linear layers only (e.g. [q_proj, k_proj, v_proj, o_proj])",
         )
     setattr(peft_model, EXPORT_MODE, args.export)
     return peft_model

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +27,9 @@ from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 from transformers.utils import logging as transformers_logging
 
+from lit_saferlhf.errors import ModelLayoutError
 from lit_saferlhf.losses import end_scores
-from lit_saferlhf.models.causal_lm import ModelSource, fit_embeddings, load_config, replace_dir, torch_dtype
+from lit_saferlhf.models.causal_lm import ModelSource, fit_embeddings, load_config, staged_dir, torch_dtype
 from lit_saferlhf.models.layouts import (
     HEAD_FILE_V1,
     SIDE_FILE,
@@ -258,25 +258,23 @@ class ScoreModel(nn.Module):
                 (recorded in the side file; evaluation scores with it).
         """
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        state = state_dict or {name: tensor.detach() for name, tensor in self.state_dict().items()}
-        backbone = {name.removeprefix("backbone."): t for name, t in state.items() if name.startswith("backbone.")}
-        network, backbone = export_view(self.backbone, backbone)  # LoRA: merged, or the adapter alone
-        tokenizer.save_pretrained(staging)
-        classifier = sequence_classification_class(network)
-        if classifier is None:
-            network.save_pretrained(staging, safe_serialization=True, state_dict=backbone)
-            side = self._write_v1_head(staging, state)
-        else:
-            side = self._write_classifier(staging, network, classifier, backbone, state)
-        side = {"format": "lit-saferlhf score model", **side, "score_type": score_type}
-        if template is not None:
-            side["template"] = template
-        if score_type == "cost":
-            side["cost_sign"] = "cost <= 0 means safe (the sign terms of the cost loss)"
-        (staging / META_FILE).write_text(json.dumps(side, indent=2))
-        replace_dir(staging, out_dir)
+        with staged_dir(out_dir) as staging:
+            state = state_dict or {name: tensor.detach() for name, tensor in self.state_dict().items()}
+            backbone = {name.removeprefix("backbone."): t for name, t in state.items() if name.startswith("backbone.")}
+            network, backbone = export_view(self.backbone, backbone)  # LoRA: merged, or the adapter alone
+            tokenizer.save_pretrained(staging)
+            classifier = sequence_classification_class(network)
+            if classifier is None:
+                network.save_pretrained(staging, safe_serialization=True, state_dict=backbone)
+                side = self._write_v1_head(staging, state)
+            else:
+                side = self._write_classifier(staging, network, classifier, backbone, state)
+            side = {"format": "lit-saferlhf score model", **side, "score_type": score_type}
+            if template is not None:
+                side["template"] = template
+            if score_type == "cost":
+                side["cost_sign"] = "cost <= 0 means safe (the sign terms of the cost loss)"
+            (staging / META_FILE).write_text(json.dumps(side, indent=2))
         return out_dir
 
     def _write_v1_head(self, staging: Path, state: dict[str, Tensor]) -> dict[str, Any]:
@@ -367,7 +365,7 @@ def load_backbone(source: ModelSource, config: Any) -> PreTrainedModel:
         transformers_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise ValueError(
+        raise ModelLayoutError(
             f"{source.path}: the checkpoint has no values for {len(missing)} backbone tensors, e.g. {missing[:3]}; "
             "they would start random (is the backbone saved under an unusual prefix?)"
         )

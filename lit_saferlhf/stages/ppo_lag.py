@@ -51,6 +51,7 @@ from lit_saferlhf.losses import (
     value_loss,
 )
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.models.layouts import require_policy, require_score_model
 from lit_saferlhf.models.lora import LoraArgs, ReferencePolicy, drop_frozen, restore_frozen, shared_frozen
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
@@ -173,9 +174,13 @@ class PPOLagrangian(L.LightningModule):
     ) -> None:
         super().__init__()
         dirs = {"policy": policy, "reward_model": reward_model, "cost_model": cost_model}
-        for key, path in {**dirs, "reward_critic": reward_critic, "cost_critic": cost_critic}.items():
+        given = {**dirs, "reward_critic": reward_critic, "cost_critic": cost_critic}
+        for key, path in given.items():
             if path is not None:
                 check_model_path(path, key)  # "model dir not found: PATH", before anything is loaded
+        for key, path in given.items():  # of the kind its role needs (a hub model is checked as it loads)
+            if path is not None and Path(path).is_dir():
+                (require_policy if key == "policy" else require_score_model)(path, f"model.init_args.{key}")
         shared_bases = (reward_critic or reward_model, cost_critic or cost_model) == (reward_model, cost_model)
         if lora is not None and not shared_bases:
             raise ConfigError(

@@ -14,7 +14,6 @@ training, from scored reference samples. The export is a Hugging Face dir like S
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.losses import gather_logprobs
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer, replace_dir
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer, staged_dir
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.objectives import Objective, PairBatch, pair_metrics
@@ -270,13 +269,11 @@ class PreferenceOptimization(L.LightningModule):
         interrupted export never leaves a dir without its ``objective.json``.
         """
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        self.policy.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-        self.tokenizer.save_pretrained(staging)
-        summary = {**self.objective.state_dict(), "settings": objective_settings(self.objective)}
-        (staging / "objective.json").write_text(json.dumps(summary, indent=2, default=str))
-        replace_dir(staging, out)
+        with staged_dir(out) as staging:
+            self.policy.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+            self.tokenizer.save_pretrained(staging)
+            summary = {**self.objective.state_dict(), "settings": objective_settings(self.objective)}
+            (staging / "objective.json").write_text(json.dumps(summary, indent=2, default=str))
         return out
 
     def configure_optimizers(self) -> dict:

@@ -19,6 +19,10 @@ from lit_saferlhf.advantages import (
     leave_one_out_advantages,
     sequence_scores,
 )
+from lit_saferlhf.errors import ConfigError
+
+KEY = "model.init_args.advantage"
+"""Where a PPO-Lagrangian config sets the estimator, for errors in its settings."""
 
 
 class GroupNormalized(AdvantageEstimator):
@@ -38,9 +42,9 @@ class GroupNormalized(AdvantageEstimator):
 
     def __init__(self, eps: float = 1e-4, std: Literal["sample", "population"] = "sample") -> None:
         if std not in ("sample", "population"):
-            raise ValueError(f"GroupNormalized: `std` must be 'sample' or 'population', got {std!r}")
+            raise ConfigError(KEY, f"GroupNormalized: `std` must be 'sample' or 'population', got {std!r}")
         if not eps >= 0.0:
-            raise ValueError(f"GroupNormalized: `eps` must be >= 0, got {eps}")
+            raise ConfigError(KEY, f"GroupNormalized: `eps` must be >= 0, got {eps}")
         self.eps, self.std = eps, std
 
     def estimate(
