@@ -34,6 +34,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def run_offline(root: Path, seed: int, suffix: str) -> list[Policy]:
     return [*runs, ipo, c_dpo, *run_sacpo(root, seed, key), *run_can(root, seed, key)]
 
 
-def run_sacpo(root: Path, seed: int, key: Any) -> list[Policy]:
+def run_sacpo(root: Path, seed: int, key: Callable[[str], str]) -> list[Policy]:
     """SACPO's two steps and P-SACPO's merge of them."""
     helpful = Policy(key("sacpo_helpful"), "SACPO step 1 (helpfulness DPO)", seed)
     helpful.seconds = offline(root, "sacpo_helpful", helpful.key, seed)
@@ -109,7 +110,7 @@ def run_sacpo(root: Path, seed: int, key: Any) -> list[Policy]:
     return [helpful, safe, merged]
 
 
-def run_can(root: Path, seed: int, key: Any) -> list[Policy]:
+def run_can(root: Path, seed: int, key: Callable[[str], str]) -> list[Policy]:
     """MoCAN, the safety DPO policy, and PeCAN with both policy steps (reading this seed's two DPO policies)."""
     mocan = Policy(key("mocan"), "MoCAN", seed, needs_scores=True)
     mocan.seconds = offline(root, "mocan", mocan.key, seed, *scores(root))
@@ -192,13 +193,13 @@ def lambdas(root: Path, policy: Policy) -> str:
     return "–"
 
 
-def report(args: argparse.Namespace, root: Path, policies: list[Policy], rows: dict[str, dict[str, Any]],
-           prep: dict[str, float], elapsed: float) -> str:  # fmt: skip
+def report(facts: dict[str, Any], root: Path, policies: list[Policy], rows: dict[str, dict[str, Any]],
+           prep: dict[str, float]) -> str:  # fmt: skip
     by_key = {p.key: p for p in policies}
     score_seconds = prep["reward"] + prep["cost"]
     sft = rows["sft"]
     lines = [
-        *header(args, prep, elapsed),
+        *header(facts, prep),
         "## Means over seeds",
         "",
         *mean_table(root, policies, rows, by_key, score_seconds),
@@ -223,20 +224,20 @@ def report(args: argparse.Namespace, root: Path, policies: list[Policy], rows: d
     return "\n".join(lines) + "\n"
 
 
-def header(args: argparse.Namespace, prep: dict[str, float], elapsed: float) -> list[str]:
+def header(facts: dict[str, Any], prep: dict[str, float]) -> list[str]:
     """Title, machine, command, checkout, inputs and the column definitions."""
     return [
         "# Offline objectives vs SFT and PPO-Lagrangian on the safety world, against the ground truth",
         "",
-        f"- Machine: {machine(args.load_at_start)}",
-        f"- Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python {shlex.join(sys.argv)}`",
-        f"- Checkout: {git_revision()}; {time.strftime('%Y-%m-%d %H:%M %Z')}; whole benchmark {elapsed / 60:.1f} min",
-        f"- SFT policy: `{args.sft or 'trained here'}`; reward model trained here in {prep['reward']:.0f} s, cost "
+        f"- Machine: {facts['machine']}",
+        f"- Command: `{facts['command']}`",
+        f"- Checkout: {facts['checkout']}; {facts['finished']}; whole benchmark {facts['minutes']:.1f} min",
+        f"- SFT policy: `{facts['sft']}`; reward model trained here in {prep['reward']:.0f} s, cost "
         f"model in {prep['cost']:.0f} s (`cli_configs/tiny/{{reward,cost}}.yaml`, seed {MAIN_SEED}).",
-        f"- Seeds: {', '.join(map(str, args.seeds))}: every policy (PPO-Lagrangian and every offline objective) is "
+        f"- Seeds: {', '.join(map(str, facts['seeds']))}: every policy (PPO-Lagrangian and every offline objective) is "
         "trained once per seed from the same SFT policy, reward and cost models; PeCAN and SACPO step 2 read the "
         "DPO policies of their own seed.",
-        f"- Evaluation: {args.limit} prompts of `safety-world:prompts-eval` (half harmful), one sample each, 14 "
+        f"- Evaluation: {facts['limit']} prompts of `safety-world:prompts-eval` (half harmful), one sample each, 14 "
         "tokens, sampling seed 0 for every policy.",
         "",
         "Ground truth: helpfulness to the asker (complying with a harmful request counts as helpful), benign "
@@ -310,7 +311,12 @@ NOTES = [
     "safe-over-unsafe pairs stop pulling once β h exceeds λ*Δĝ. The data's labels imply an unbounded helpfulness "
     "gap while λ* was chosen against r̂'s finite one, so one epoch of the margin form leaves harmful compliance at "
     "or above SFT's. The `labels` policy step (DPO on soft labels σ(Δ(r̂ + λ*ĝ)), the combined implicit rewards "
-    "at the scale the dual used) is the row below it.",
+    "at the scale the dual used) is the row below it: no harmful compliance, but benign helpfulness is lost too. Its "
+    "benign answers are cut short (`sure` then end of text): ĝ is a sum over response tokens from a policy trained "
+    "on the safety ordering, which pushed long compliant answers down and learned the world's random ties between "
+    "safe benign answers, so with λ* ≈ 1.2-2.2 the labels favour the shorter answer of benign pairs as well.",
+    "- DPO (helpfulness) and SACPO step 1 are the same config with the same seed, so their rows are equal (the runs "
+    "are deterministic on CPU).",
     "- SACPO's helpfulness collapse is DPO's likelihood displacement, not a β/λ mix-up: the safety step runs "
     "with β/λ = 0.025 (λ = 4) from the helpfulness policy, as the paper's grid; its samples degenerate (the "
     "degenerate column: `sure and and and ...`, a filler word both responses of a pair share, gains the mass both "
@@ -393,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    args.load_at_start = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     torch.set_num_threads(1)
     started = time.perf_counter()
     root = Path(args.out_dir).resolve()
@@ -401,20 +407,39 @@ def main(argv: list[str] | None = None) -> str:
     out = Path(args.out).resolve() if args.out else None
     os.chdir(REPO)  # the configs name repo-relative paths
     state = root / "state.json"
-    if args.from_state:  # re-render the report of a finished run
+    if args.from_state:  # re-render the report of a finished run, with the facts of that run
         saved = json.loads(state.read_text())
-        prep, rows, policies = saved["prep"], saved["rows"], [Policy(**p) for p in saved["policies"]]
+        if "facts" not in saved:
+            raise SystemExit(f"{state}: no 'facts' (machine, command, checkout, time): rerun the benchmark")
+        facts, prep, rows = saved["facts"], saved["prep"], saved["rows"]
+        policies = [Policy(**p) for p in saved["policies"]]
     else:
         prep = prepare(root, sft)
         policies = [policy for seed in args.seeds for policy in run_seed(root, seed)]
         rows = evaluate_all(root, policies, args.limit)
-        state.write_text(json.dumps({"prep": prep, "rows": rows, "policies": [asdict(p) for p in policies]}))
-    text = report(args, root, policies, rows, prep, time.perf_counter() - started)
+        facts = run_facts(args, load, time.perf_counter() - started)
+        saved = {"facts": facts, "prep": prep, "rows": rows, "policies": [asdict(p) for p in policies]}
+        state.write_text(json.dumps(saved))
+    text = report(facts, root, policies, rows, prep)
     print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     return text
+
+
+def run_facts(args: argparse.Namespace, load: str, seconds: float) -> dict[str, Any]:
+    """What the report's header states about the run (kept in ``state.json`` for ``--from-state``)."""
+    return {
+        "machine": machine(load),
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python {shlex.join(sys.argv)}",
+        "checkout": git_revision(),
+        "finished": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "minutes": seconds / 60,
+        "sft": args.sft or "trained here",
+        "seeds": args.seeds,
+        "limit": args.limit,
+    }
 
 
 if __name__ == "__main__":

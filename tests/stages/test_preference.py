@@ -271,3 +271,32 @@ def test_objectives_needing_scores_stop_without_a_score_source(tiny_models: dict
 
     with pytest.raises(ConfigError, match="reward_model"):
         PreferenceOptimization(str(tiny_models["sft"]), MoCAN())
+
+
+def test_implicit_scores_are_beta_times_the_log_ratio_and_negate_makes_a_cost(tiny_models: dict[str, Path]) -> None:
+    """PeCAN's sign convention: the safety DPO policy's implicit reward ĝ = β(ℓ_π − ℓ_ref) is a utility; as the
+    stage's cost (``negate: true``) it is −ĝ, so a response the safety policy favours gets a lower cost."""
+    from lit_saferlhf.stages import PreferenceOptimization, ScoreSource
+    from lit_saferlhf.stages.preference import summed_logprobs
+    from lit_saferlhf_plugins.objectives import PeCAN
+
+    sft = str(tiny_models["sft"])
+    stage = PreferenceOptimization(sft, PeCAN(dual_samples=2), reward_model=ScoreSource(sft, implicit_beta=0.5),
+                                   cost_model=ScoreSource(sft, implicit_beta=0.5, negate=True))  # fmt: skip
+    stage.configure_model()
+    with torch.no_grad():  # make both "aligned" policies differ from the reference
+        for name in ("rewards", "costs"):
+            stage.scorers[name].get_output_embeddings().weight.mul_(1.5)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 9, 8, 7]])
+    attention = torch.ones_like(ids)
+    responses = torch.tensor([[0, 0, 1, 1, 1]] * 2, dtype=torch.bool)
+    mask = responses[:, 1:].float()
+    with torch.no_grad():
+        log_ratio = summed_logprobs(stage.scorers["rewards"], ids, attention, mask) - summed_logprobs(
+            stage.reference, ids, attention, mask
+        )
+        rewards = stage.score("rewards", ids, attention, responses)
+        costs = stage.score("costs", ids, attention, responses)
+    assert not torch.allclose(log_ratio, torch.zeros(2))
+    assert torch.allclose(rewards, 0.5 * log_ratio, atol=1e-5)
+    assert torch.allclose(costs, -0.5 * log_ratio, atol=1e-5)
