@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from lit_saferlhf.errors import InputNotFoundError, MissingTensorError
+
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
@@ -51,7 +53,7 @@ def read_weights(model_dir: str | Path) -> dict[str, Tensor]:
     elif (model_dir / WEIGHTS).is_file():
         files = [WEIGHTS]
     else:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{model_dir}: under DeepSpeed ZeRO-3 pretrained weights are read from {WEIGHTS} or {WEIGHTS_INDEX}, "
             "and neither is there (a .bin-only checkpoint: re-save it with save_pretrained(safe_serialization=True))"
         )
@@ -99,7 +101,7 @@ def load_partitioned(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     not partitioned: they are copied on every rank from rank 0's values by broadcast.
 
     Raises:
-        KeyError: On rank 0, when the checkpoint lacks parameters of ``model`` (tied weights excepted).
+        MissingTensorError: On rank 0, when the checkpoint lacks parameters of ``model`` (tied weights excepted).
     """
     import deepspeed
 
@@ -126,6 +128,8 @@ def load_partitioned(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         count = torch.tensor([len(missing)], device=deepspeed.get_accelerator().current_device_name())
         torch.distributed.broadcast(count, src=0)
         if count.item() and not missing:
-            raise KeyError(f"rank 0 found {count.item()} parameters of the model missing from the checkpoint")
+            raise MissingTensorError(f"rank 0 found {count.item()} parameters of the model missing from the checkpoint")
     if missing:
-        raise KeyError(f"the checkpoint has no values for {len(missing)} parameters of the model, e.g. {missing[:5]}")
+        raise MissingTensorError(
+            f"the checkpoint has no values for {len(missing)} parameters of the model, e.g. {missing[:5]}"
+        )
