@@ -146,15 +146,24 @@ class StaticCacheGenerate(Generator):
             unsharded copy and decode that. None: when the full actor fits in a third of the free device
             memory (always on CPU). False: decode the sharded actor, every rank running all ``max_new_tokens``
             steps in lock step (the ``synced_gpus`` way, one gather per layer and token).
+        pack_output_layer: On CPU (float32, eager), run the output layer through oneDNN with its weight
+            prepacked once per rollout (:class:`OutputLayer`: about 2x faster than ``linear`` at the benchmark's
+            shape; logits equal up to float32 rounding). False: the model's own output layer.
     """
 
     def __init__(
-        self, compile: bool | None = None, check_every: int = 8, prompt_bucket: int = 16, gather: bool | None = None
+        self,
+        compile: bool | None = None,
+        check_every: int = 8,
+        prompt_bucket: int = 16,
+        gather: bool | None = None,
+        pack_output_layer: bool = True,
     ) -> None:
         if check_every < 1 or prompt_bucket < 1:
             raise ConfigError(GENERATOR_KEY, f"StaticCacheGenerate: check_every and prompt_bucket must be >= 1, got "
                               f"{check_every}, {prompt_bucket}")  # fmt: skip
         self.compile, self.check_every, self.prompt_bucket, self.gather = compile, check_every, prompt_bucket, gather
+        self.pack_output_layer = pack_output_layer
         self._cache: Any = None
         self._step: Any = None
         self._local: LocalCopy | None = None
@@ -189,10 +198,12 @@ class StaticCacheGenerate(Generator):
     ) -> Tensor:
         """Prefill, then one token per step until ``max_new_tokens`` or every row has finished, ``(N, T)``."""
         rows, columns, steps = *input_ids.shape, args.max_new_tokens
-        cache = {cache_argument(model): self.static_cache(model, rows, columns + steps)}  # keyword found once
+        head = self.output_layer(model, rows)
+        network = model.get_decoder() if head is not None else model
+        cache = {cache_argument(network): self.static_cache(model, rows, columns + steps)}  # keyword found once
         mask = torch.cat([attention_mask, attention_mask.new_ones(rows, steps)], dim=1)  # (N, P + T), fixed shape
         positions = position_ids(attention_mask)  # (N, P)
-        logits = forward(model, cache, input_ids, mask, positions, logits_to_keep=1)[:, -1].float()  # (N, V)
+        logits = decode_step(network, head, cache, input_ids, mask, positions)  # (N, V)
         position = positions[:, -1:]  # (N, 1)
         tokens = input_ids.new_full((rows, steps), pad_id)
         finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
@@ -205,7 +216,7 @@ class StaticCacheGenerate(Generator):
             if last or (not lock_step and (t + 1) % self.check_every == 0 and bool(finished.all())):
                 break
             position = position + 1
-            logits = step(model, cache, token[:, None], mask, position)
+            logits = step(network, head, cache, token[:, None], mask, position)
         return tokens
 
     def static_cache(self, model: Any, rows: int, length: int) -> Any:
@@ -218,6 +229,14 @@ class StaticCacheGenerate(Generator):
         cache = self._cache[1]
         cache.reset()
         return cache
+
+    def output_layer(self, model: Any, rows: int) -> OutputLayer | None:
+        """``model``'s output layer prepacked for this rollout's ``rows`` (``pack_output_layer`` and eager on a
+        CPU); None: the model's own forward computes the logits."""
+        head = model.get_output_embeddings()
+        if not self.pack_output_layer or self.compiles(model) or not OutputLayer.applies(head, model):
+            return None
+        return OutputLayer(head, rows)
 
     def compiles(self, model: Any) -> bool:
         """Whether the decode step is compiled for ``model``'s device."""
@@ -344,9 +363,49 @@ def forward(
     ).logits
 
 
-def decode_step(model: Any, cache: dict[str, Any], token: Tensor, mask: Tensor, position: Tensor) -> Tensor:
-    """One decoded token: float32 next-token scores ``(N, V)`` after ``token`` ``(N, 1)`` at ``position`` ``(N, 1)``."""
-    return forward(model, cache, token, mask, position)[:, -1].float()
+def decode_step(
+    network: Any, head: OutputLayer | None, cache: dict[str, Any], input_ids: Tensor, mask: Tensor, positions: Tensor
+) -> Tensor:
+    """Float32 scores ``(N, V)`` of the token after ``input_ids`` ``(N, L)`` at ``positions`` ``(N, L)`` (prefill:
+    the prompts; decoding: one token): ``network`` is the decoder and ``head`` the output layer, applied to the
+    last position only, or ``head`` is None and ``network`` the whole causal LM (``logits_to_keep=1``)."""
+    if head is None:
+        return forward(network, cache, input_ids, mask, positions, logits_to_keep=1)[:, -1].float()
+    hidden = network(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)[0]
+    return head(hidden[:, -1]).float()
+
+
+class OutputLayer:
+    """A linear output layer ``h W^T + b`` on CPU through oneDNN with its weight prepacked once per rollout.
+
+    At the benchmark's shape (batch 16, hidden 256, vocabulary 50,258, one thread) the output layer is
+    most of a decoding step; with the weight reordered into oneDNN's blocked layout (what inductor's CPU
+    weight "freezing" does) it runs in about 4 ms instead of 9 ms for ``linear``. Same float32 math, another
+    summation order: logits differ from ``linear``'s by float32 rounding (a few 1e-6 at that shape).
+    Built again for every rollout from the layer's current weight (the policy changes between rollouts).
+    """
+
+    def __init__(self, layer: torch.nn.Linear, rows: int) -> None:
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
+        self.bias = None if layer.bias is None else layer.bias.detach()
+
+    @staticmethod
+    def applies(layer: Any, model: Any) -> bool:
+        """Whether ``layer`` (``model``'s output layer) is a plain float32 linear map on a CPU with oneDNN,
+        and ``model`` does not transform its logits beyond it."""
+        transforms = ("logit_scale", "logits_scaling", "final_logit_softcapping")
+        return (
+            type(layer) is torch.nn.Linear
+            and layer.weight.device.type == "cpu"
+            and layer.weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+            and not any(getattr(model.config, name, None) is not None for name in transforms)
+            and plain_parameters(model)
+        )
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        """Logits ``(N, V)`` of hidden states ``(N, H)``."""
+        return torch.ops.mkldnn._linear_pointwise(hidden, self.weight, self.bias, "none", [], "")
 
 
 def cudagraph_steps(compiled: Any) -> Any:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from lit_saferlhf.rollout import GenerationArgs, HFGenerate, StaticCacheGenerate, sample_next_token
+from lit_saferlhf.rollout import GenerationArgs, HFGenerate, OutputLayer, StaticCacheGenerate, sample_next_token
 
 VOCAB, PAD, EOS = 97, 0, 1
 
@@ -82,6 +82,29 @@ def test_num_return_sequences_repeats_each_prompt_in_order() -> None:
                                              EOS, PAD)  # fmt: skip
     assert sampled.shape[0] == 15
     assert torch.equal(sampled[:, :9], ids.repeat_interleave(3, dim=0))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_output_layer_equals_linear_up_to_float32_rounding(bias: bool) -> None:
+    torch.manual_seed(0)
+    layer, hidden = torch.nn.Linear(64, 3001, bias=bias), torch.randn(7, 64)
+    model = torch.nn.Module()
+    model.config = AutoConfig.for_model("llama")
+    assert OutputLayer.applies(layer, model)
+    assert not OutputLayer.applies(layer.to(torch.bfloat16), model)  # float32 only
+    layer.float()
+    torch.testing.assert_close(OutputLayer(layer, rows=7)(hidden), layer(hidden), rtol=1e-5, atol=1e-5)
+    model.config.final_logit_softcapping = 30.0  # a model that transforms its logits keeps its own forward
+    assert not OutputLayer.applies(layer, model)
+
+
+def test_packed_and_plain_output_layers_decode_the_same_greedy_tokens() -> None:
+    model, (ids, mask) = tiny_lm("qwen2"), left_padded_prompts()
+    args = GenerationArgs(max_new_tokens=24, temperature=0)
+    packed = StaticCacheGenerate().generate(model, ids, mask, args, EOS, PAD)
+    plain = StaticCacheGenerate(pack_output_layer=False).generate(model, ids, mask, args, EOS, PAD)
+    assert torch.equal(packed, plain)
+    assert torch.equal(packed, hf_greedy(model, ids, mask, steps=24, eos=EOS))
 
 
 def hf_warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
