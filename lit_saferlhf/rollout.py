@@ -291,13 +291,16 @@ def check_supported(model: Any) -> None:
 
 
 def sample_next_token(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """Draw the next token as Hugging Face's sampling does, among the top-k candidates only.
+    """Draw the next token as Hugging Face's sampling does, on CPU among the top-k candidates only.
 
     Warpers in ``generate``'s order on float32 scores: divide by the temperature, keep the ``top_k``
-    highest scores, keep the smallest set of the highest whose probability reaches ``top_p`` (the
-    most likely token always stays), then draw from the softmax of what is left. With ``top_k`` set
-    the draw is over those k candidates, not the whole vocabulary (ties with the k-th score beyond
-    the k candidates, which ``generate`` keeps, are dropped). Temperature 0 is greedy (argmax).
+    highest scores and every score equal to the k-th (``TopKLogitsWarper`` keeps ties), keep the smallest
+    set of the highest whose probability reaches ``top_p`` (the most likely token always stays), then draw
+    from the softmax of what is left. On CPU the softmax and the draw are over the k candidates from
+    ``topk``, not the whole vocabulary (the same distribution: the other tokens get probability 0), unless
+    some row has a score outside the k candidates equal to the k-th (a tie): then every row takes the
+    whole-vocabulary path, as ``generate`` does. On other devices the whole-vocabulary path always (its passes
+    cost microseconds there, and a tie check would read the device every token). Temperature 0 is greedy.
 
     Args:
         logits: Next-token scores, ``(N, V)``.
@@ -314,9 +317,17 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: int, top_p: flo
     if temperature != 1.0:
         scores = scores / temperature
     if 0 < top_k < scores.shape[-1]:
-        scores, candidates = scores.topk(top_k, dim=-1)  # (N, k), descending
-    else:
-        candidates = None
+        values, candidates = scores.topk(top_k, dim=-1)  # (N, k), descending
+        kth = values[:, -1:]  # (N, 1)
+        if scores.device.type == "cpu" and not bool(((scores >= kth).sum(dim=-1) > top_k).any()):
+            return draw(values, top_p, candidates)
+        scores = scores.masked_fill(scores < kth, float("-inf"))  # TopKLogitsWarper, ties kept
+    return draw(scores, top_p)
+
+
+def draw(scores: Tensor, top_p: float, candidates: Tensor | None = None) -> Tensor:
+    """A token from the softmax of ``scores`` ``(N, C)`` after the nucleus filter, ``(N,)``; ``candidates``
+    ``(N, C)`` maps the C columns to token ids (None: the columns are the ids)."""
     if top_p < 1.0:
         scores = nucleus(scores, top_p)
     choice = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)  # (N, 1)

@@ -134,6 +134,21 @@ def test_draws_follow_the_warped_softmax(temperature: float, top_k: int, top_p: 
     assert 0.5 * (empirical - expected).abs().sum() < 0.02
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_top_k_keeps_every_token_tied_with_the_kth_score_as_hf_does(top_p: float) -> None:
+    """k = 5: three high scores, then four tokens tied at the 5th score; HF's TopKLogitsWarper keeps all seven."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, VOCAB).clamp(max=1.0)
+    logits[0, [10, 11, 12]] = torch.tensor([3.0, 2.7, 2.4])
+    logits[0, [20, 30, 40, 50]] = 2.0
+    expected = hf_warped_probs(logits, 1.0, 5, top_p)[0]
+    assert int((expected > 0).sum()) == (7 if top_p == 1.0 else 6)  # top-p 0.9 drops one of the tied tokens
+    draws = sample_next_token(logits.expand(40_000, -1), 1.0, 5, top_p)
+    empirical = torch.bincount(draws, minlength=VOCAB).float() / len(draws)
+    assert (empirical[expected == 0] == 0).all()
+    assert 0.5 * (empirical - expected).abs().sum() < 0.02
+
+
 def test_first_sampled_token_of_a_model_follows_its_warped_softmax() -> None:
     """4,000 samples of the first response token (n = 4000 of one prompt) vs HF's warped next-token softmax."""
     model, (ids, mask) = tiny_lm("llama"), left_padded_prompts()
