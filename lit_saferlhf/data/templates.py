@@ -113,7 +113,12 @@ def recorded_template(model_dir: str | Path) -> Template | None:
     """
     for name in (POLICY_FILE, SCORE_MODEL_FILE):
         path = Path(model_dir) / name
-        record = json.loads(path.read_text()).get("template") if path.is_file() else None
+        try:
+            record = json.loads(path.read_text()).get("template") if path.is_file() else None
+        except (json.JSONDecodeError, AttributeError) as error:
+            raise ModelLayoutError(
+                f"{path}: expected a JSON object (the side file of an export), found {error}"
+            ) from error
         if record is not None:
             return template_from_record(record, str(path))
     return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -118,6 +119,27 @@ def test_a_causal_lm_as_the_ppo_reward_model(tmp_path: Path, policy_dir: Path, c
     flags = [f"--model.init_args.{key}={policy_dir}" for key in ("policy", "reward_model", "cost_model")]
     line = fit_error(PPO_CONFIG, capsys, *flags, f"--trainer.default_root_dir={tmp_path}")
     assert_names(line, f"model.init_args.reward_model: {policy_dir} is a language-model", "without a score head")
+
+
+@pytest.mark.parametrize(
+    ("side_file", "message"),
+    [
+        ('{"template": {"class_path": "no.such.Template"}}', "cannot rebuild the recorded template"),
+        ('{"template": {"class_path": "pathlib.Path"}}', "the recorded template pathlib.Path is not a Template"),
+        ("{not json", "expected a JSON object (the side file of an export)"),
+    ],
+    ids=["unknown-class", "not-a-template", "broken-json"],
+)
+def test_a_policy_whose_recorded_template_is_broken(
+    side_file: str, message: str, tmp_path: Path, policy_dir: Path, capsys
+) -> None:
+    policy = tmp_path / "policy"
+    shutil.copytree(policy_dir, policy)
+    (policy / "lit_saferlhf.json").write_text(side_file)
+    score = fake_model_dir(tmp_path / "rm", "LlamaForSequenceClassification", num_labels=1)
+    flags = [f"--model.init_args.policy={policy}", f"--model.init_args.reward_model={score}"]
+    line = fit_error(PPO_CONFIG, capsys, *flags, f"--model.init_args.cost_model={score}")
+    assert_names(line, f"{policy / 'lit_saferlhf.json'}: ", message)
 
 
 # ----------------------------------------------------------------------------------------------
