@@ -60,6 +60,9 @@ class Generator(ABC):
         Rows that finished early are filled with ``pad_id`` after their EOS.
         """
 
+    def check_model(self, model: Any) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """Refuse, when the stage sets up, a model this backend cannot decode (default: every model is fine)."""
+
 
 class HFGenerate(Generator):
     """Hugging Face ``generate`` with sampling.
@@ -167,6 +170,10 @@ class StaticCacheGenerate(Generator):
         self._cache: Any = None
         self._step: Any = None
         self._local: LocalCopy | None = None
+
+    def check_model(self, model: Any) -> None:
+        """Refuse an unsupported model type or ``generation_config`` (see :func:`check_supported`) at set-up."""
+        check_supported(model)
 
     @torch.no_grad()
     def generate(

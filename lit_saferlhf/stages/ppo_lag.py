@@ -219,6 +219,7 @@ class PPOLagrangian(L.LightningModule):
         if self.actor is not None:
             return
         self.actor = self.policy_network(self.paths["policy"], trained=True)
+        self.generator.check_model(self.actor)  # an unsupported model fails here, not at the first rollout
         critics = self.critic_names()
         self.reward_critic = (
             self.score_network(self.critic_paths["reward"], trained=True) if "reward" in critics else None

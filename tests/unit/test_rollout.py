@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from lit_saferlhf import rollout
 from lit_saferlhf.rollout import GenerationArgs, HFGenerate, OutputLayer, StaticCacheGenerate, sample_next_token
 
 VOCAB, PAD, EOS = 97, 0, 1
@@ -193,6 +196,22 @@ def test_unsupported_model_type_names_the_type_and_the_fallback() -> None:
     ids, mask = left_padded_prompts()
     with pytest.raises(ValueError, match=r"'gpt_neox' is not supported.*HFGenerate"):
         StaticCacheGenerate().generate(model, ids, mask, GenerationArgs(max_new_tokens=2), EOS, PAD)
+
+
+def test_an_unsupported_actor_is_refused_when_the_stage_sets_up(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``configure_model`` refuses it (naming the type and the fallback) before any rollout."""
+    from lit_saferlhf.stages import PPOLagrangian
+    from lit_saferlhf_plugins.solvers import DualAscent
+
+    monkeypatch.setattr(rollout, "SUPPORTED_MODEL_TYPES", ("gpt2",))  # the tiny actor, a Llama, is then unsupported
+    module = PPOLagrangian(policy=str(tiny_models["sft"]), reward_model=str(tiny_models["reward"]),
+                           cost_model=str(tiny_models["cost"]), solver=DualAscent(),
+                           generator=StaticCacheGenerate())  # fmt: skip
+    with pytest.raises(ValueError, match=r"model type 'llama' is not supported.*lit_saferlhf.rollout.HFGenerate"):
+        module.configure_model()
+    HFGenerate().check_model(module.actor)  # the fallback takes any model
 
 
 def test_generation_config_processors_it_would_ignore_are_refused() -> None:
