@@ -22,6 +22,13 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lit_saferlhf.data.templates import (
+    load_template,
+    policy_files,
+    recorded_template,
+    save_template,
+    trained_template,
+)
 from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.losses import gather_logprobs
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer, staged_dir
@@ -91,6 +98,7 @@ class PreferenceOptimization(L.LightningModule):
         self.optimizer_args, self.generation, self.cache_reference = optimizer, generation, cache_reference
         self.dtype_name, self.gradient_checkpointing, self.export_dir = dtype, gradient_checkpointing, export_dir
         self.tokenizer = load_tokenizer(ModelSource(path=policy))
+        self.default_template = recorded_template(policy)  # the pair data's template unless it sets one
         self.reference_cache: dict[int, Tensor] = {}
         self.last_dual_step = -1
         self.policy: nn.Module | None = None
@@ -249,12 +257,14 @@ class PreferenceOptimization(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The objective's λ and solver state, as plain Python data."""
+        """The objective's λ and solver state, as plain Python data, and the template."""
         checkpoint["objective"] = self.objective.state_dict()
+        save_template(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume with the same λ and solver state."""
+        """Resume with the same λ and solver state; restore the template."""
         self.objective.load_state_dict(checkpoint["objective"])
+        load_template(self, checkpoint)
 
     def on_train_end(self) -> None:
         """Export the trained policy with ``objective.json``."""
@@ -263,7 +273,7 @@ class PreferenceOptimization(L.LightningModule):
             self.export_to(self.export_dir, state)
 
     def export_to(self, out: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
-        """Write the policy as a Hugging Face dir with ``objective.json`` (also what ``lit-saferlhf export`` writes).
+        """Write the policy as a Hugging Face dir with ``objective.json`` and the template (``lit_saferlhf.json``).
 
         Every file is written into a staging dir beside ``out`` that is renamed into place, so an
         interrupted export never leaves a dir without its ``objective.json``.
@@ -274,6 +284,8 @@ class PreferenceOptimization(L.LightningModule):
             self.tokenizer.save_pretrained(staging)
             summary = {**self.objective.state_dict(), "settings": objective_settings(self.objective)}
             (staging / "objective.json").write_text(json.dumps(summary, indent=2, default=str))
+            for name, text in policy_files(trained_template(self)).items():  # lit_saferlhf.json: the template
+                (staging / name).write_text(text)
         return out
 
     def configure_optimizers(self) -> dict:

@@ -300,3 +300,21 @@ def test_implicit_scores_are_beta_times_the_log_ratio_and_negate_makes_a_cost(ti
     assert not torch.allclose(log_ratio, torch.zeros(2))
     assert torch.allclose(rewards, 0.5 * log_ratio, atol=1e-5)
     assert torch.allclose(costs, -0.5 * log_ratio, atol=1e-5)
+
+
+def test_pairs_follow_the_policys_template_and_the_export_records_it(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from lit_saferlhf.data.templates import POLICY_FILE, SafeRLHFTemplate, policy_files, recorded_template
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_models["sft"], policy)
+    (policy / POLICY_FILE).write_text(policy_files(SafeRLHFTemplate("USER: USER:"))[POLICY_FILE])
+    args = overrides("dpo", tiny_models)
+    args[0] = f"--model.init_args.policy={policy}"
+    out = fit("tiny/offline/dpo.yaml", tmp_path / "run", *args, "--trainer.max_steps=1")
+    template = recorded_template(out)
+    assert isinstance(template, SafeRLHFTemplate)
+    assert template.system_prefix == "USER: USER:"  # the pairs were rendered with the policy's template
