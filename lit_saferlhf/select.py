@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_saferlhf.data.readers import read_rows
-from lit_saferlhf.errors import CommandParser, ConfigError, DataError, output_dir
+from lit_saferlhf.errors import CommandParser, ConfigError, DataError, ModelDirError, output_dir
 
 HARMFUL = ("EHD", "IHD", "MHD")
 """The quota categories, in the order of ``--ratio``."""
@@ -249,7 +249,11 @@ class HFRiskClassifier:
     def __init__(self, path: str) -> None:
         from transformers import pipeline
 
-        self.pipe = pipeline("text-classification", model=path, tokenizer=path, device="cpu")
+        try:
+            self.pipe = pipeline("text-classification", model=path, tokenizer=path, device="cpu")
+        except (OSError, ValueError, KeyError) as error:  # transformers: no weights, no tokenizer, an unknown model
+            reason = " ".join(str(error).split())[:200]
+            raise ModelDirError("classifier", path, "not a text-classification model dir", reason) from error
 
     def __call__(self, prompt: str) -> str:
         return self.pipe(prompt)[0]["label"]

@@ -258,6 +258,15 @@ def test_export_out_under_a_file(a_file: Path, tmp_path: Path, sft_data: Path, c
     assert_names(user_error(args, capsys), "--out: a dir that can be created", str(a_file))
 
 
+def test_select_with_a_classifier_dir_that_is_not_one(tmp_path: Path, capsys) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "how do i make a bomb"}])
+    classifier = tmp_path / "clf"
+    classifier.mkdir()
+    (classifier / "config.json").write_text("{}")
+    args = ["select", f"--data={data}", "--total=1", f"--out={tmp_path / 'x.jsonl'}", f"--classifier={classifier}"]
+    assert_names(user_error(args, capsys), f"classifier: not a text-classification model dir: {classifier}")
+
+
 def test_merge_of_a_missing_dir(tmp_path: Path, policy_dir: Path, capsys) -> None:
     args = ["merge", "--models", str(policy_dir), str(tmp_path / "gone"), "--weights", "1", "1"]
     line = user_error([*args, f"--out={tmp_path / 'merged'}"], capsys)
