@@ -52,7 +52,14 @@ from lit_saferlhf.losses import (
 )
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
 from lit_saferlhf.models.layouts import require_policy, require_score_model
-from lit_saferlhf.models.lora import LoraArgs, ReferencePolicy, drop_frozen, restore_frozen, shared_frozen
+from lit_saferlhf.models.lora import (
+    LoraArgs,
+    ReferencePolicy,
+    drop_frozen,
+    parameter_counts,
+    restore_frozen,
+    shared_frozen,
+)
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.rollout import GenerationArgs, Generator, HFGenerate, Rollout, response_mask
@@ -247,8 +254,7 @@ class PPOLagrangian(L.LightningModule):
 
     def network_summary(self) -> str:
         """One start-up line: the networks held, their parameters (shared ones counted once) and how many train."""
-        held = sum(param.numel() for param in self.parameters())
-        trained = sum(param.numel() for param in self.parameters() if param.requires_grad)
+        held, trained = parameter_counts(self)
         names = list(self.held_networks())
         return (
             f"{type(self).__name__} holds {len(names)} networks ({', '.join(names)}) with "

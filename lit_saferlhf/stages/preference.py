@@ -14,6 +14,7 @@ training, from scored reference samples. The export is a Hugging Face dir like S
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,22 @@ from lit_saferlhf.data.templates import (
 )
 from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.losses import gather_logprobs
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer, staged_dir
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.models.lora import (
+    LoraArgs,
+    ReferencePolicy,
+    describe_parameters,
+    drop_frozen,
+    restore_frozen,
+    shared_frozen,
+)
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.objectives import Objective, PairBatch, pair_metrics
 from lit_saferlhf.rollout import GenerationArgs, Generator, HFGenerate, response_mask
 from lit_saferlhf.utils import OptimizerArgs, build_optimizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,8 @@ class PreferenceOptimization(L.LightningModule):
             epochs skip the reference forward (valid while the objective's token weights are fixed per pair).
         dtype: Weights dtype of every network when loading (None: float32).
         gradient_checkpointing: Recompute the policy's activations in backward.
+        lora: Train LoRA adapters on the policy instead of its full weights (None: full fine-tuning). When the
+            reference is the starting policy, it is the policy with its adapters off (no second copy).
         export_dir: Where to write the trained policy (Hugging Face dir) at the end of ``fit``.
     """
 
@@ -87,6 +100,7 @@ class PreferenceOptimization(L.LightningModule):
         cache_reference: bool = False,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoraArgs | None = None,
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -97,6 +111,7 @@ class PreferenceOptimization(L.LightningModule):
         self.objective, self.generator = objective, generator or HFGenerate()
         self.optimizer_args, self.generation, self.cache_reference = optimizer, generation, cache_reference
         self.dtype_name, self.gradient_checkpointing, self.export_dir = dtype, gradient_checkpointing, export_dir
+        self.lora = lora
         self.tokenizer = load_tokenizer(ModelSource(path=policy))
         self.default_template = recorded_template(policy)  # the pair data's template unless it sets one
         self.reference_cache: dict[int, Tensor] = {}
@@ -108,16 +123,24 @@ class PreferenceOptimization(L.LightningModule):
         if self.policy is not None:
             return
         self.policy = self.causal_lm(self.paths["policy"], trained=True)
-        self.reference = self.causal_lm(self.paths["reference"], trained=False)
+        self.reference = self.reference_network()
         self.scorers = nn.ModuleDict(
             {name: self.scorer(source) for name, source in self.sources.items() if source is not None}
         )
         self.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
+        if self.global_rank == 0:
+            log.info(describe_parameters(self))
+
+    def reference_network(self) -> nn.Module | ReferencePolicy:
+        """The frozen reference: with LoRA and the starting policy as reference, the policy with adapters off."""
+        if self.lora is not None and self.paths["reference"] == self.paths["policy"]:
+            return shared_frozen(self.policy)
+        return self.causal_lm(self.paths["reference"], trained=False)
 
     def causal_lm(self, path: str, trained: bool) -> nn.Module:
-        """A policy network, trained or frozen, sharded when the strategy gives a device mesh."""
-        checkpointing = trained and self.gradient_checkpointing
-        source = ModelSource(path=path, dtype=self.dtype_name, gradient_checkpointing=checkpointing)
+        """A policy network, trained (with LoRA when set) or frozen, sharded when the strategy gives a device mesh."""
+        checkpointing, lora = trained and self.gradient_checkpointing, self.lora if trained else None
+        source = ModelSource(path=path, dtype=self.dtype_name, gradient_checkpointing=checkpointing, lora=lora)
         model = build_causal_lm(source, self.tokenizer)
         return shard(model if trained else frozen(model), self.device_mesh)
 
@@ -257,14 +280,16 @@ class PreferenceOptimization(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The objective's λ and solver state, as plain Python data, and the template."""
+        """The objective's λ and solver state, as plain Python data, and the template; with LoRA, no frozen base."""
         checkpoint["objective"] = self.objective.state_dict()
         save_template(self, checkpoint)
+        drop_frozen(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume with the same λ and solver state; restore the template."""
+        """Resume with the same λ and solver state; restore the template; with LoRA, the base comes from its dir."""
         self.objective.load_state_dict(checkpoint["objective"])
         load_template(self, checkpoint)
+        restore_frozen(checkpoint, self)
 
     def on_train_end(self) -> None:
         """Export the trained policy with ``objective.json``."""
@@ -276,17 +301,13 @@ class PreferenceOptimization(L.LightningModule):
         """Write the policy as a Hugging Face dir with ``objective.json`` and the template (``lit_saferlhf.json``).
 
         Every file is written into a staging dir beside ``out`` that is renamed into place, so an
-        interrupted export never leaves a dir without its ``objective.json``.
+        interrupted export never leaves a dir without its ``objective.json``. With LoRA the adapters are
+        merged into the weights, or written alone in ``peft``'s format (``LoraArgs.export``).
         """
-        out = Path(out)
-        with staged_dir(out) as staging:
-            self.policy.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-            self.tokenizer.save_pretrained(staging)
-            summary = {**self.objective.state_dict(), "settings": objective_settings(self.objective)}
-            (staging / "objective.json").write_text(json.dumps(summary, indent=2, default=str))
-            for name, text in policy_files(trained_template(self)).items():  # lit_saferlhf.json: the template
-                (staging / name).write_text(text)
-        return out
+        summary = {**self.objective.state_dict(), "settings": objective_settings(self.objective)}
+        extra = {"objective.json": json.dumps(summary, indent=2, default=str)}
+        extra |= policy_files(trained_template(self))  # lit_saferlhf.json: the template
+        return export(self.policy, self.tokenizer, out, state_dict=state_dict, extra_files=extra)
 
     def configure_optimizers(self) -> dict:
         """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""

@@ -69,7 +69,8 @@ def test_lora_checkpoint_exports_with_the_export_command(tiny_models: dict[str, 
 @pytest.mark.parametrize(
     ("stage", "fragment", "key"),
     [("sft", "lora.yaml", "model.init_args.model.lora"), ("reward", "lora.yaml", "model.init_args.model.lora"),
-     ("cost", "lora.yaml", "model.init_args.model.lora"), ("ppo_lag", "lora_ppo.yaml", "model.init_args.lora")],
+     ("cost", "lora.yaml", "model.init_args.model.lora"), ("ppo_lag", "lora_ppo.yaml", "model.init_args.lora"),
+     ("offline/dpo", "lora_ppo.yaml", "model.init_args.lora")],
 )  # fmt: skip
 def test_lora_fragments_compose_with_their_stages(
     stage: str, fragment: str, key: str, capsys: pytest.CaptureFixture[str]
@@ -229,3 +230,45 @@ def test_lora_sft_resumes_exactly_under_fsdp2(tiny_models: dict[str, Path], tmp_
     assert resumed.keys() == straight.keys()
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
+
+
+def test_lora_offline_reference_is_the_policy_with_its_adapters_off(tiny_models: dict[str, Path]) -> None:
+    from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
+    from lit_saferlhf.models.lora import LoraArgs, ReferencePolicy
+    from lit_saferlhf.stages import PreferenceOptimization
+    from lit_saferlhf.stages.preference import summed_logprobs
+    from lit_saferlhf_plugins.objectives import DPO
+
+    stage = PreferenceOptimization(policy=str(tiny_models["sft"]), objective=DPO(), lora=LoraArgs(r=4))
+    stage.configure_model()
+    assert isinstance(stage.reference, ReferencePolicy)  # no second copy of the policy
+    with torch.no_grad():
+        for name, param in stage.policy.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(std=0.1)  # trained adapters: the policy now differs from its base
+    tokenizer = load_tokenizer(ModelSource(path=str(tiny_models["sft"])))
+    sft = build_causal_lm(ModelSource(path=str(tiny_models["sft"])), tokenizer).eval()
+    ids = torch.randint(5, 100, (2, 12))
+    attention, weights = torch.ones_like(ids), torch.ones(2, 11)
+    with torch.no_grad():
+        expected = summed_logprobs(sft, ids, attention, weights)
+        assert torch.equal(summed_logprobs(stage.reference, ids, attention, weights), expected)
+        assert not torch.allclose(summed_logprobs(stage.policy, ids, attention, weights), expected)
+
+
+def test_lora_offline_stage_trains_adapters_and_exports_merged(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    sft = tiny_models["sft"]
+    export = fit(
+        "tiny/offline/dpo.yaml", tmp_path, LORA_PPO, f"--model.init_args.policy={sft}", "--trainer.max_steps=3",
+        "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--data.init_args.limit=96",
+        "--data.init_args.batch_size=8",
+    )  # fmt: skip
+    base, merged = load_file(sft / "model.safetensors"), load_file(export / "model.safetensors")
+    assert merged.keys() == base.keys()  # a plain Hugging Face dir with the adapters folded in
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed
+    assert all(name.endswith("_proj.weight") for name in changed), changed
+    assert (export / "objective.json").is_file()
+    checkpoint = torch.load(only_checkpoint(tmp_path), weights_only=True)
+    assert checkpoint["state_dict"]
+    assert all(".lora_A." in key or ".lora_B." in key for key in checkpoint["state_dict"])  # no frozen base
