@@ -4,7 +4,9 @@ Three ways to sample the same batch (temperature 1, top-k 50, top-p 1, the stage
 
 - ``HFGenerate``: Hugging Face ``generate`` with its dynamic cache (what PPO used before);
 - ``HF generate static``: ``generate(..., cache_implementation="static")`` (compiled by transformers on CUDA);
-- ``StaticCacheGenerate``: our static-cache decoder (compiled on CUDA, eager on CPU, draws among the top-k).
+- ``StaticCacheGenerate``: our static-cache decoder (compiled on CUDA; eager on CPU, where it draws among
+  the top-k and runs the output layer through oneDNN with a prepacked weight). On CPU also with
+  ``pack_output_layer=False`` (the model's own output layer) and, with ``--compiled-row``, ``compile=True``.
 
 Repetitions are interleaved (A B C A B C ...) after one untimed warm-up call each (compilation), and
 the table reports medians. Tokens/s counts the generated columns times the rows::
@@ -55,9 +57,13 @@ def build_model(shape: dict, device: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(device=device, dtype=shape["dtype"]).eval()
 
 
-def backends(args: GenerationArgs, compiled_row: bool) -> dict:
+def backends(args: GenerationArgs, device: str, compiled_row: bool) -> dict:
     """Name -> function(model, ids, mask) -> sequences."""
-    ours, compiled = StaticCacheGenerate(), StaticCacheGenerate(compile=True)
+    ours, compiled, plain = (
+        StaticCacheGenerate(),
+        StaticCacheGenerate(compile=True),
+        StaticCacheGenerate(pack_output_layer=False),
+    )
 
     def hf_static(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=args.max_new_tokens,
@@ -71,6 +77,10 @@ def backends(args: GenerationArgs, compiled_row: bool) -> dict:
         "HF generate, static cache": hf_static,
         "StaticCacheGenerate": lambda model, ids, mask: ours.generate(model, ids, mask, args, EOS, PAD),
     }
+    if device == "cpu":
+        runs["StaticCacheGenerate, pack_output_layer=False"] = lambda model, ids, mask: plain.generate(
+            model, ids, mask, args, EOS, PAD
+        )
     if compiled_row:
         runs["StaticCacheGenerate, compile=True"] = lambda model, ids, mask: compiled.generate(
             model, ids, mask, args, EOS, PAD
@@ -118,7 +128,7 @@ def main() -> None:
     mask[: batch // 2, : shape["prompt"] // 4] = 0  # half the prompts are a quarter shorter (left-padded)
     ids = ids.masked_fill(mask == 0, PAD)
     args = GenerationArgs(max_new_tokens=shape["new_tokens"], temperature=1.0, top_k=50, top_p=1.0)
-    runs = backends(args, options.compiled_row and options.device == "cpu")
+    runs = backends(args, options.device, options.compiled_row and options.device == "cpu")
     times: dict[str, list[float]] = {name: [] for name in runs}
     tokens: dict[str, list[int]] = {name: [] for name in runs}
     for function in runs.values():  # warm-up: compilation, allocator
