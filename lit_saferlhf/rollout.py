@@ -409,14 +409,15 @@ class OutputLayer:
 
     @staticmethod
     def applies(layer: Any, model: Any) -> bool:
-        """Whether ``layer`` (``model``'s output layer) is a plain float32 linear map on a CPU with oneDNN,
-        and ``model`` does not transform its logits beyond it."""
+        """Whether ``layer`` (``model``'s output layer) is a plain float32 linear map on a CPU with oneDNN's
+        prepacked linear, and ``model`` does not transform its logits beyond it."""
         transforms = ("logit_scale", "logits_scaling", "final_logit_softcapping")
         return (
             type(layer) is torch.nn.Linear
             and layer.weight.device.type == "cpu"
             and layer.weight.dtype == torch.float32
             and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # inductor's CPU op (a private API)
             and not any(getattr(model.config, name, None) is not None for name in transforms)
             and plain_parameters(model)
         )
