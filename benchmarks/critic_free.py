@@ -12,8 +12,11 @@ samples (1024: ``tiny/ppo_lag.yaml`` 32 rollouts x 32 prompts x 1 sample; ``tiny
 
 Each run is its own process (so its peak resident memory is its own). Every final policy, and the
 SFT policy, answers the held-out ``safety-world:prompts-eval`` prompts with the same sampling seed;
-the ground truth scores each answer. Prints markdown (machine, command, one row per run, the mean
-per method, and issue 13's target stated as holding or not, with the numbers)::
+the ground truth scores each answer. Then the SFT policy samples 4 answers per eval prompt, and each
+estimator's advantages of those groups are measured per prompt kind (``group_statistics``: why the
+group z-score weighs benign prompts' small cost differences as much as harmful prompts' large ones).
+Prints markdown (machine, command, one row per run, the mean per method, issue 13's target stated as
+holding or not, with the numbers, and the group statistics)::
 
     OMP_NUM_THREADS=1 python benchmarks/critic_free.py --out benchmarks/results/critic_free.md   # 2-10 min
     OMP_NUM_THREADS=1 python benchmarks/critic_free.py --seeds 1337                           # one seed
@@ -36,6 +39,10 @@ import time
 from pathlib import Path
 from statistics import mean
 from typing import Any
+
+import torch
+
+from lit_saferlhf.advantages import group_normalized_advantages, leave_one_out_advantages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ppo_solvers as common  # noqa: E402  (fit, train_models, machine, git_revision, fmt, cells)
@@ -108,11 +115,66 @@ def run(method: str, seed: int, root: Path, models: Path, rollouts: int) -> dict
 
 
 # ----------------------------------------------------------------------------------------------
+# Why GRPO differs: the group statistics of the SFT policy's samples
+# ----------------------------------------------------------------------------------------------
+
+
+def group_statistics(models: Path, root: Path, limit: int) -> dict[str, dict[str, float]]:
+    """G = 4 SFT samples per eval prompt (sampling seeds 0-3), scored; per prompt kind, the within-group
+    std of each score and the mean |advantage| each estimator gives each stream, and each estimator's share
+    of the summed |cost advantage| that lands on benign prompts (key ``benign_share``)."""
+    from lit_saferlhf.evaluation import evaluate
+
+    samples = []
+    for seed in range(4):
+        out = root / "groups" / f"seed{seed}"
+        evaluate(
+            policies={"sft": str(models / "sft" / "model")}, reward_model=str(models / "reward" / "model"),
+            cost_model=str(models / "cost" / "model"), prompt_sets=[common.EVAL_SET], out_dir=str(out),
+            max_new_tokens=14, seed=seed, limit=limit,
+        )  # fmt: skip
+        samples.append([json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()])
+    scores = {s: torch.tensor([[g[i][s] for g in samples] for i in range(len(samples[0]))]) for s in ("reward", "cost")}
+    harmful = torch.tensor([row["harmful"] for row in samples[0]])
+    advantages = {
+        (name, s): estimator(scores[s].reshape(-1), 4).reshape(-1, 4).abs()
+        for name, estimator in (("grpo", group_normalized_advantages), ("rloo", leave_one_out_advantages))
+        for s in scores
+    }
+    stats: dict[str, dict[str, float]] = {}
+    for kind, rows in (("benign", ~harmful), ("harmful", harmful)):
+        stats[kind] = {f"std_{s}": float(v[rows].std(-1).mean()) for s, v in scores.items()}
+        stats[kind] |= {f"{n}_{s}": float(a[rows].mean()) for (n, s), a in advantages.items()}
+    stats["benign_share"] = {n: float(advantages[n, "cost"][~harmful].sum() / advantages[n, "cost"].sum())
+                             for n in ("grpo", "rloo")}  # fmt: skip
+    return stats
+
+
+def group_lines(stats: dict[str, dict[str, float]]) -> list[str]:
+    """The group statistics as a markdown table and one sentence."""
+    lines = [
+        "| SFT samples, G = 4 | within-group std: reward | cost | GRPO mean abs A_r | abs A_c | "
+        "RLOO mean abs A_r | abs A_c |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind in ("benign", "harmful"):
+        v = stats[kind]
+        keys = ("std_reward", "std_cost", "grpo_reward", "grpo_cost", "rloo_reward", "rloo_cost")
+        lines.append(common.cells(f"{kind} prompts", *(common.fmt(v[k]) for k in keys)))
+    share = stats["benign_share"]
+    lines += ["", f"Share of the summed abs cost advantage that lands on benign prompts: GRPO "
+              f"{common.fmt(share['grpo'])}, RLOO {common.fmt(share['rloo'])}."]  # fmt: skip
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, runs: list[dict[str, Any]], rows: dict[str, dict], minutes: float) -> str:
+def report(
+    args: argparse.Namespace, runs: list[dict[str, Any]], rows: dict[str, dict], groups: dict, minutes: float
+) -> str:
     d = args.cost_limit
     sft = rows["sft"]
     lines = [
@@ -165,6 +227,12 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], rows: dict[str,
             f"{v['rss']:.0f}",
         ))  # fmt: skip
     lines += ["", "## Issue 13's target, checked", "", *target(means, runs, rows, d)]
+    lines += [
+        "",
+        "## Group statistics of the SFT policy's samples (why GRPO and RLOO differ)",
+        "",
+        *group_lines(groups),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -198,9 +266,9 @@ def target(means: dict[str, dict], runs: list[dict[str, Any]], rows: dict[str, d
             f"cost-model score <= d = {d:g} on every seed ({', '.join(common.fmt(c) for c in costs)})": all(
                 c <= d for c in costs
             ),
-            f"harmful compliance {common.fmt(v['harm'])} <= PPO-Lag's {common.fmt(ppo['harm'])} + 0.02": v["harm"]
+            f"harmful compliance {common.fmt(v['harm'], 4)} <= PPO-Lag's {common.fmt(ppo['harm'], 4)} + 0.02": v["harm"]
             <= ppo["harm"] + 0.02,
-            f"benign helpfulness {common.fmt(v['help'])} >= PPO-Lag's {common.fmt(ppo['help'])} - 0.1": v["help"]
+            f"benign helpfulness {common.fmt(v['help'], 3)} >= PPO-Lag's {common.fmt(ppo['help'], 3)} - 0.1": v["help"]
             >= ppo["help"] - 0.1,
             f"{v['count']} networks instead of {ppo['count']}": v["count"] == 4 and ppo["count"] == 6,
             f"time per sample {v['ms']:.1f} ms < PPO-Lag's {ppo['ms']:.1f} ms": v["ms"] < ppo["ms"],
@@ -247,7 +315,8 @@ def main(argv: list[str] | None = None) -> str:
         prompt_sets=[common.EVAL_SET], out_dir=str(root / "evaluation"), max_new_tokens=14, seed=0, limit=args.limit,
     )  # fmt: skip
     rows = {row["policy"]: row for row in summary["rows"]}
-    text = report(args, runs, rows, (time.perf_counter() - started) / 60)
+    groups = group_statistics(models, root, args.limit)
+    text = report(args, runs, rows, groups, (time.perf_counter() - started) / 60)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
