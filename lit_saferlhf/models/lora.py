@@ -340,11 +340,10 @@ def drop_frozen(checkpoint: dict[str, Any], module: nn.Module) -> None:
     """
     from torch.distributed.tensor import DTensor
 
-    if any(isinstance(value, DTensor) for value in checkpoint["state_dict"].values()):
+    if not has_adapters(module) or any(isinstance(value, DTensor) for value in checkpoint["state_dict"].values()):
         return
-    if has_adapters(module):
-        frozen = frozen_names(module)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+    frozen = frozen_names(module)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
 
 def restore_frozen(checkpoint: dict[str, Any], module: nn.Module) -> None:
