@@ -107,6 +107,8 @@ def main() -> None:
         down = float(rows[policy]["gt_harmful_compliance_rate"]) < float(sft["gt_harmful_compliance_rate"])
         up = float(rows[policy]["gt_benign_helpfulness"]) > float(sft["gt_benign_helpfulness"])
         lines.append(f"\n{policy}: harmful compliance down vs SFT: {down}; benign helpfulness up vs SFT: {up}")
+    lines.append(f"\nTarget (issue 12: LoRA reaches the same ground-truth direction as full fine-tuning): "
+                 f"{'holds' if down and up else 'does not hold'} (LoRA row above)")  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
     (args.work / "runs.json").write_text(json.dumps(runs))

@@ -224,6 +224,8 @@ def report(args: argparse.Namespace, measured: dict[str, tuple[float | None, flo
         "",
         f"7B PPO-Lagrangian, full fine-tuning: {full['peak']:.1f} GB",
         f"7B PPO-Lagrangian, LoRA: {lora['peak']:.1f} GB",
+        f"Target (issue 12: the 7B LoRA step fits in 80 GB on one GPU), by this estimate: "
+        f"{'holds' if lora['peak'] <= 80.0 else 'does not hold'} ({lora['peak']:.1f} GB)",
     ]
     return "\n".join(lines) + "\n"
 
