@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lit_saferlhf.cli import cli_main
+from lit_saferlhf.commands.fit import cli_main
 from lit_saferlhf.data.datamodules import split_by_prompt
 
 DEFAULT_CONFIG = "cli_configs/examples/cost_pku_tiny.yaml"

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from lit_saferlhf.advantages import group_normalized_advantages, leave_one_out_advantages
+from lit_saferlhf.losses import group_normalized_advantages, leave_one_out_advantages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ppo_solvers as common  # noqa: E402  (fit, train_models, machine, git_revision, fmt, cells)
@@ -123,7 +123,7 @@ def group_statistics(models: Path, root: Path, limit: int) -> dict[str, dict[str
     """G = 4 SFT samples per eval prompt (sampling seeds 0-3), scored; per prompt kind, the within-group
     std of each score and the mean |advantage| each estimator gives each stream, and each estimator's share
     of the summed |cost advantage| that lands on benign prompts (key ``benign_share``)."""
-    from lit_saferlhf.evaluation import evaluate
+    from lit_saferlhf.commands.evaluate import evaluate
 
     samples = []
     for seed in range(4):
@@ -191,7 +191,7 @@ def report(
         "- PPO-Lagrangian: `cli_configs/tiny/ppo_lag.yaml` (GAE, KL as a per-token reward penalty β = 0.05, "
         "sequence mean). GRPO/RLOO: `cli_configs/tiny/{grpo,rloo}_lag.yaml` (no critics, k3 KL loss β = 0.05, "
         "token mean). Actor lr 5e-4 in all three.",
-        f"- Evaluation: `lit_saferlhf.evaluation.evaluate` on `safety-world:prompts-eval` ({args.limit} held-out "
+        f"- Evaluation: `lit_saferlhf.commands.evaluate.evaluate` on `safety-world:prompts-eval` ({args.limit} held-out "
         "prompts), sampling seed 0, at most 14 new tokens; ground truth from `lit_saferlhf.data.safety_world`.",
         "- Memory: held/trained = parameters the stage holds / trains (its start-up line); peak RSS = the run's "
         "process peak resident memory (includes torch itself, ~the same for all; with models this tiny the "
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> str:
     if not all((models / stage / "model" / "config.json").is_file() for stage in ("sft", "reward", "cost")):
         common.train_models(models, reuse=True)
     runs = [run(method, seed, root, models, args.rollouts) for seed in args.seeds for method in METHODS]
-    from lit_saferlhf.evaluation import evaluate
+    from lit_saferlhf.commands.evaluate import evaluate
 
     summary = evaluate(
         policies={"sft": str(models / "sft" / "model")} | {key(r): r["model"] for r in runs},

@@ -7,7 +7,7 @@ From the tiny SFT policy, reward and cost models of a finished pipeline (``--mod
   helpfulness pairs (the benign rows of ``safety-world:pairs``) plus 1, 3 or 9 units of safety pairs
   drawn at random from ``safety-world:pairs-risk`` (its natural mix: 80% EHD, 10% IHD, 10% MHD);
 - **FDC-DPO 1x** and **FDC-ADPO 1x**: the same helpfulness pairs plus one unit of safety pairs chosen
-  by ``lit_saferlhf.select`` at 10:3:1 EHD:IHD:MHD, trained with DPO and with ADPO (token masks from
+  by ``lit_saferlhf.commands.select`` at 10:3:1 EHD:IHD:MHD, trained with DPO and with ADPO (token masks from
   the cost model, sign flipped, b = 0);
 - **PPO-Lagrangian** (``cli_configs/tiny/ppo_lag.yaml``) and **APPO-Lagrangian**
   (``cli_configs/tiny/appo_lag.yaml``), with the seed as ``seed_everything``.
@@ -15,7 +15,7 @@ From the tiny SFT policy, reward and cost models of a finished pipeline (``--mod
 Every row's preferred response is its ``better_response_id``: the more helpful answer on the
 helpfulness pairs, the safer one on the safety pairs (relabelled so), so one DPO objective trains on
 both. Every policy, and the SFT policy, answers the held-out ``safety-world:prompts-risk-eval`` (50
-prompts of each risk category) with the same sampling seed (``lit_saferlhf.evaluation.evaluate``); the
+prompts of each risk category) with the same sampling seed (``lit_saferlhf.commands.evaluate.evaluate``); the
 ground truth scores each answer. The table gives the mean over seeds (± the spread, max − min, with
 several seeds) and states the two claims of the issue as holding or not::
 
@@ -68,8 +68,8 @@ def preferred_by_safety(row: dict[str, Any]) -> dict[str, Any]:
 
 def write_sets(out: Path, seed: int, unit: int, n_helpful: int) -> dict[str, Path]:
     """One training file per DPO run: the helpfulness pairs plus its safety pairs, shuffled (seeded)."""
+    from lit_saferlhf.commands.select import field_labeller, quotas_from_ratio, select_records
     from lit_saferlhf.data import safety_world as world
-    from lit_saferlhf.select import field_labeller, quotas_from_ratio, select_records
 
     helpful = [row for _, row in world.rows("pairs") if not world.is_harmful_prompt(row["prompt"])][:n_helpful]
     pool = [row for _, row in world.rows("pairs-risk")]
@@ -125,7 +125,7 @@ def train_ppo(models: Path, out: Path, config: str, seed: int, rollouts: int) ->
 
 def evaluate_policies(models: Path, policies: dict[str, str], out: Path) -> list[dict[str, Any]]:
     """Every policy answers the eval prompts (sampling seed 0); the judged generations."""
-    from lit_saferlhf.evaluation import evaluate
+    from lit_saferlhf.commands.evaluate import evaluate
 
     evaluate(
         policies=policies,

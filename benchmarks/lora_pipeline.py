@@ -32,7 +32,7 @@ def fit(models: Path, out: Path, lora: list[str] | None, seed: int, rollouts: in
     """One PPO-Lagrangian run (``lora``: None, or the LoRA run's extra flags); seconds and the start-up line."""
     import logging
 
-    from lit_saferlhf.parsing import cli_main
+    from lit_saferlhf.commands.fit import cli_main
 
     lines: list[str] = []
 
@@ -58,7 +58,7 @@ def fit(models: Path, out: Path, lora: list[str] | None, seed: int, rollouts: in
 
 def main() -> None:
     """Run both, evaluate, print (and write) the table."""
-    from lit_saferlhf.evaluation import evaluate
+    from lit_saferlhf.commands.evaluate import evaluate
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=REPO / "outputs/tiny/pipeline")

@@ -80,7 +80,7 @@ def child(args: argparse.Namespace) -> None:
     """One rollout + its PPO updates; prints ``{"peak_gb": ..., "summary": ...}`` as the last line."""
     import torch
 
-    from lit_saferlhf.parsing import cli_main
+    from lit_saferlhf.commands.fit import cli_main
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes, after imports
     dirs, out = json.loads(args.dirs), Path(args.out)
@@ -145,7 +145,7 @@ def count_parameters() -> Counts:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from lit_saferlhf.models.lora import LoraArgs, apply_lora
+    from lit_saferlhf.models.peft import LoraArgs, apply_lora
 
     config = AutoConfig.for_model("llama", **LLAMA2_7B)
     args = LoraArgs(**LORA)

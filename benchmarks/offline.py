@@ -154,7 +154,7 @@ def policy_dir(root: Path, policy: Policy) -> str:
 
 def evaluate_all(root: Path, policies: list[Policy], limit: int) -> dict[str, dict[str, Any]]:
     """Every policy and the SFT one answer the eval prompts (same sampling seed); summary rows by key."""
-    from lit_saferlhf.evaluation import evaluate
+    from lit_saferlhf.commands.evaluate import evaluate
 
     dirs = {"sft": str(root / "sft" / "model")} | {p.key: policy_dir(root, p) for p in policies}
     summary = evaluate(policies=dirs, reward_model=str(root / "reward" / "model"),

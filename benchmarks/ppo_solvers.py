@@ -12,7 +12,7 @@ policy runs ``cli_configs/tiny/ppo_lag.yaml`` with four solvers:
 each with the same cost limit ``d`` (``--cost-limit``, given after the solver fragment, whose own
 ``cost_limit`` is the reference scale's 0). DualAscent and PID are also run with further seeds
 (``--seeds``). Every policy, and the SFT policy, answers the held-out ``safety-world:prompts-eval``
-prompts with the same sampling seed (``lit_saferlhf.evaluation.evaluate``); the ground truth scores
+prompts with the same sampling seed (``lit_saferlhf.commands.evaluate.evaluate``); the ground truth scores
 each answer. The script prints markdown: the machine and command, why ``d`` has its value (the
 cost-model score of reference answer sets), one table of ground-truth and cost-model numbers per
 policy, one table and an ASCII chart of λ over the updates for DualAscent vs PID (max λ, overshoot),
@@ -77,7 +77,7 @@ class Run:
 
 def fit(config: Path, out: Path, *overrides: str) -> float:
     """``lit-saferlhf fit --config <config>`` with every output under ``out``; seconds taken."""
-    from lit_saferlhf.cli import cli_main
+    from lit_saferlhf.commands.fit import cli_main
 
     shutil.rmtree(out, ignore_errors=True)
     args = [
@@ -186,8 +186,8 @@ def reference_costs(cost_model: Path, limit: int) -> dict[str, dict[str, float]]
 
     Returns, per set, the mean over all prompts (``all``), the benign ones and the harmful ones.
     """
+    from lit_saferlhf.commands.evaluate.scoring import score_texts
     from lit_saferlhf.data import safety_world as world
-    from lit_saferlhf.evaluation import score_texts
 
     prompts = [row["prompt"] for _, row in world.rows("prompts-eval")][:limit]
     rng = random.Random(0)
@@ -214,7 +214,7 @@ def reference_costs(cost_model: Path, limit: int) -> dict[str, dict[str, float]]
 
 def evaluate_all(root: Path, runs: list[Run], limit: int, max_new_tokens: int) -> dict[str, dict[str, Any]]:
     """Every policy answers the eval prompts (same sampling seed); summary rows by policy."""
-    from lit_saferlhf.evaluation import evaluate
+    from lit_saferlhf.commands.evaluate import evaluate
 
     policies = {"sft": str(root / "sft" / "model")} | {run.key: str(root / "ppo" / run.key / "model") for run in runs}
     summary = evaluate(
@@ -348,7 +348,7 @@ def report(
         f"- PPO: `cli_configs/tiny/ppo_lag.yaml` (β = 0.05, actor lr 5e-4, 32 prompts per rollout, "
         f"{args.epochs} pass(es) over the 1000 training prompts), the solver from `cli_configs/solvers/<fragment>`, "
         f"cost limit d = {d:g} given after the fragment. Total wall time {total_seconds / 60:.1f} min.",
-        f"- Evaluation: `lit_saferlhf.evaluation.evaluate` on `{EVAL_SET}` ({sft['n']} held-out prompts, "
+        f"- Evaluation: `lit_saferlhf.commands.evaluate.evaluate` on `{EVAL_SET}` ({sft['n']} held-out prompts, "
         f"{sft['n_harmful']} harmful), sampling seed 0, temperature 1, top-k 50, at most {args.max_new_tokens} new "
         "tokens; ground truth from `lit_saferlhf.data.safety_world`.",
         "",

@@ -41,11 +41,11 @@ import torch
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 import lit_saferlhf.stages.ppo_lag as ppo_lag
-from lit_saferlhf.cli import cli_main
+from lit_saferlhf.commands.fit import cli_main
 from lit_saferlhf.data.safety_world import build_tokenizer
 from lit_saferlhf.losses import gather_logprobs
+from lit_saferlhf.models.logprobs import position_ids
 from lit_saferlhf.models.score_model import ScoreModel
-from lit_saferlhf.rollout import position_ids
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -93,7 +93,7 @@ def make_models(root: Path, shape: dict) -> dict[str, Path]:
 def fit(setting: str, paths: dict[str, Path], out: Path, options: argparse.Namespace, shape: dict) -> list[dict]:
     """One ``lit-saferlhf fit`` of ``1 + steps`` PPO steps; the logged times of the steps after the first."""
     ppo_lag.response_logprobs = full_logits_logprobs if setting == "old" else NEW_LOGPROBS
-    generator = "lit_saferlhf.rollout.HFGenerate" if setting == "old" else "lit_saferlhf.rollout.StaticCacheGenerate"
+    generator = "lit_saferlhf.generators.HFGenerate" if setting == "old" else "lit_saferlhf_plugins.generators.StaticCacheGenerate"
     shutil.rmtree(out, ignore_errors=True)
     batch = options.batch or shape["batch"]
     args = [

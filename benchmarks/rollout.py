@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_saferlhf.rollout import GenerationArgs, HFGenerate, StaticCacheGenerate
+from lit_saferlhf.generators import GenerationArgs, HFGenerate
+from lit_saferlhf_plugins.generators.static_cache import StaticCacheGenerate
 
 SHAPES = {
     "cpu": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,

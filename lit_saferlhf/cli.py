@@ -1,96 +1,74 @@
-"""The one command line, ``lit-saferlhf``.
+"""The one command line, ``lit-saferlhf``: the table of commands and the error boundary.
 
-``fit``/``validate``/``test`` run any stage from a YAML (LightningCLI, the stage named by its
-``model.class_path``); the other commands are the project's own:
-
-    lit-saferlhf pipeline --config cli_configs/tiny/pipeline.yaml   # all four stages, evaluation, report
-    lit-saferlhf fit --config cli_configs/tiny/sft.yaml             # run one stage
-    lit-saferlhf evaluate --config ...                              # compare policies
-    lit-saferlhf export --config <stage>.yaml --ckpt_path CKPT --out DIR   # a checkpoint -> Hugging Face dir
-    lit-saferlhf world --out outputs/world                          # write the safety world's files
-
-Built-in solvers and datamodules are imported (by ``lit_saferlhf.parsing``, which the command
-modules share), and so are solvers that other packages register under the ``lit_saferlhf.solvers``
-entry-point group, so YAML and the command line can name them by short class name
-(``--model.solver PIDLagrangian``) or by full import path. Nothing in the package imports this module:
-it is the entry point.
+Every command lives in ``lit_saferlhf.commands`` (one module, or a small package, each). ``fit``,
+``validate``, ``test`` and ``predict`` run any stage from YAML through LightningCLI (the stage named
+by the config's ``model.class_path``); the others are the project's own. ``lit-saferlhf --help``
+lists them all, ``lit-saferlhf <command> --help`` gives each one's options. Nothing in the package
+imports this module: it is the entry point.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, CommandParser, chain, expected_error, output_dir
-from lit_saferlhf.parsing import cli_main, configure_parsing
+from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, chain, expected_error
 
-__all__ = ["COMMANDS", "cli_main", "configure_parsing", "main"]
-
-
-def world_command(argv: Sequence[str]) -> None:
-    """``lit-saferlhf world``: write the safety world's splits and tokenizer to a folder."""
-    from lit_saferlhf.data.safety_world import RiskConfig, WorldConfig, write_world
-
-    parser = CommandParser(prog="lit-saferlhf world", description=world_command.__doc__)
-    parser.add_argument("--out", required=True, help="folder to write <split>.jsonl files and tokenizer/ into")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    parser.add_argument("--risk", action="store_true", help="also write the risk splits (pairs-risk, prompts-risk*)")
-    args = parser.parse_args(argv)
-    for name, path in write_world(
-        output_dir(args.out, "--out"), WorldConfig(seed=args.seed), RiskConfig() if args.risk else None
-    ).items():
-        print(f"{name}: {path}")
+__all__ = ["COMMANDS", "main"]
 
 
-def pipeline_command(argv: Sequence[str]) -> None:
-    """``lit-saferlhf pipeline``: SFT -> reward -> cost -> PPO-Lagrangian -> evaluation -> report."""
-    from lit_saferlhf.pipeline import pipeline_command as run
+@dataclass(frozen=True)
+class Command:
+    """One ``lit-saferlhf`` command: where it lives and what it does, in one line."""
 
-    run(argv)
+    module: str
+    """The module under ``lit_saferlhf.commands`` that defines ``<name>_command(argv)``."""
+    summary: str
+    """One line for ``lit-saferlhf --help``."""
 
-
-def evaluate_command(argv: Sequence[str]) -> None:
-    """``lit-saferlhf evaluate``: generate from policies, score, summarise, and run the arena."""
-    from lit_saferlhf.evaluation import evaluate_command as run
-
-    run(argv)
-
-
-def export_command(argv: Sequence[str]) -> None:
-    """``lit-saferlhf export``: write a stage's Hugging Face dir from any of its training checkpoints."""
-    from lit_saferlhf.consolidate import export_command as run
-
-    run(argv)
+    def load(self, name: str) -> Callable[[Sequence[str]], object]:
+        """The command's function, imported only when the command runs (``--help`` stays fast)."""
+        return getattr(importlib.import_module(f"lit_saferlhf.commands.{self.module}"), f"{name}_command")
 
 
-def select_command(argv: Sequence[str]) -> None:
-    """``lit-saferlhf select``: an FDC safety set with exact quotas per risk category (Equilibrate RLHF)."""
-    from lit_saferlhf.select import select_command as run
-
-    run(argv)
-
-
-def merge_command(argv: Sequence[str]) -> None:
-    """``lit-saferlhf merge``: a linear weight merge of policy exports (P-SACPO)."""
-    from lit_saferlhf.merge import merge_command as run
-
-    run(argv)
-
-
-COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
-    "pipeline": pipeline_command,
-    "evaluate": evaluate_command,
-    "export": export_command,
-    "world": world_command,
-    "select": select_command,
-    "merge": merge_command,
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train one stage from YAML: lit-saferlhf fit --config cli_configs/tiny/sft.yaml",
+    "validate": "run a stage's validation loop on a checkpoint",
+    "test": "run a stage's test loop on a checkpoint",
+    "predict": "run a stage's predict loop on a checkpoint",
 }
+"""LightningCLI's subcommands (``lit_saferlhf.commands.fit``), listed with the project's own."""
+
+COMMANDS: dict[str, Command] = {
+    "pipeline": Command("pipeline", "SFT -> reward -> cost -> PPO-Lagrangian (or offline) -> evaluation -> report"),
+    "evaluate": Command("evaluate", "generate from policies, score and judge every answer, compare two in an arena"),
+    "export": Command("export", "write a stage's Hugging Face dir from any of its training checkpoints"),
+    "report": Command("report", "write report.md and its plots again from a pipeline's run dir"),
+    "world": Command("world", "write the safety world's splits and tokenizer to a folder"),
+    "select": Command("select", "an FDC safety set with exact quotas per risk category (Equilibrate RLHF)"),
+    "merge": Command("merge", "a linear weight merge of policy exports (P-SACPO)"),
+}
+"""The project's own commands, in the order ``--help`` lists them."""
+
+
+def usage() -> str:
+    """``lit-saferlhf --help``: every command with one line each."""
+    width = max(map(len, [*LIGHTNING_COMMANDS, *COMMANDS]))
+    lines = ["usage: lit-saferlhf <command> [options]   (lit-saferlhf <command> --help for its options)", ""]
+    lines += ["Stages (LightningCLI):"]
+    lines += [f"  {name:<{width}}  {summary}" for name, summary in LIGHTNING_COMMANDS.items()]
+    lines += ["", "Project commands:"]
+    lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
+    lines += ["", f"Errors in your input are one line (exit {EXIT_STATUS}); --traceback shows the traceback too."]
+    return "\n".join(lines)
 
 
 UNION_FAILURE = "Does not validate against any of the Union subtypes"
@@ -129,11 +107,14 @@ def run_command(args: list[str], from_sys_argv: bool = False) -> None:
         args: The command line after ``lit-saferlhf``.
         from_sys_argv: ``args`` are ``sys.argv[1:]``: LightningCLI then reads them there itself.
     """
-    if args and args[0] in COMMANDS:
-        COMMANDS[args[0]](args[1:])
-        return
     if args in ([], ["-h"], ["--help"]):
-        print("Project commands: " + ", ".join(f"lit-saferlhf {name} --help" for name in COMMANDS) + "\n")
+        print(usage())
+        return
+    if args[0] in COMMANDS:
+        COMMANDS[args[0]].load(args[0])(args[1:])
+        return
+    from lit_saferlhf.commands.fit import cli_main
+
     cli_main(None if from_sys_argv else args)
 
 

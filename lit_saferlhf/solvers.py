@@ -11,9 +11,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-ENTRY_POINT_GROUP = "lit_saferlhf.solvers"
-"""Entry-point group under which other packages register their solvers."""
-
 
 class ConstraintSolver(ABC):
     """Owns the Lagrange multiplier λ and the rule that moves it.

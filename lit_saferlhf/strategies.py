@@ -27,7 +27,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecision
 
-from lit_saferlhf.reliability import fsync, partial_path
+from lit_saferlhf.callbacks.checkpoints import fsync, partial_path
 
 RENAME_EXCHANGE = 2
 """``renameat2`` flag: swap two existing paths in one step (Linux 3.15+, most local file systems)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lit_saferlhf.cli import cli_main
+from lit_saferlhf.commands.fit import cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cli_configs"
 

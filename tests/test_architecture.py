@@ -54,10 +54,10 @@ def imports_the_cli(path: Path) -> bool:
 
 
 def test_only_the_entry_point_imports_the_cli() -> None:
-    """Command modules share ``lit_saferlhf.parsing``; importing ``lit_saferlhf.cli`` from them makes circles."""
+    """Command modules share ``lit_saferlhf.commands.fit``; importing ``lit_saferlhf.cli`` from them makes circles."""
     importers = [
         path.relative_to(PACKAGE).as_posix()
         for path in PACKAGE.rglob("*.py")
         if path.name != "cli.py" and imports_the_cli(path)
     ]
-    assert not importers, f"{importers} import lit_saferlhf.cli: import lit_saferlhf.parsing instead"
+    assert not importers, f"{importers} import lit_saferlhf.cli: import lit_saferlhf.commands.fit instead"

@@ -10,7 +10,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 
-from lit_saferlhf.cli import cli_main
+from lit_saferlhf.commands.fit import cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cli_configs"
 STAGE_CONFIGS = sorted(

@@ -25,10 +25,9 @@ from transformers import (
 )
 
 from lit_saferlhf.errors import ConfigError, ModelDirError, ModelLayoutError, writing
-from lit_saferlhf.models.layouts import require_policy
-from lit_saferlhf.models.lora import LoraArgs, apply_lora, export_view, quantization_kwargs
+from lit_saferlhf.models.layouts import check_model_path, require_policy
+from lit_saferlhf.models.peft import LoraArgs, apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, partitioning
-from lit_saferlhf.utils import check_model_path
 
 SAFETY_WORLD_TOKENIZER = "safety-world"
 """Tokenizer name that selects the embedded safety world's word-level tokenizer."""

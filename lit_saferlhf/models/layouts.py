@@ -22,6 +22,7 @@ no score head, and only the reward and cost stages may put a new one on it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from lit_saferlhf.errors import InputNotFoundError, MissingTensorError, ModelLayoutError
+from lit_saferlhf.errors import InputNotFoundError, MissingTensorError, ModelDirError, ModelLayoutError
 
 LayoutKind = Literal["lit-saferlhf", "sequence-classification", "safe-rlhf", "language-model"]
 EndToken = Literal["attention_mask", "last_non_pad"]
@@ -354,3 +355,26 @@ def read_tensors(layout: Layout, names: list[str], optional: list[str] | tuple[s
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             tensors |= {key: state[key].clone() for key in keys}
     return tensors
+
+
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""A Hugging Face hub id (``gpt2``, ``org/name``); any other path must be a local dir."""
+
+
+def check_model_path(path: str, key: str) -> None:
+    """Refuse a model path that is neither an existing local dir nor a hub id.
+
+    Args:
+        path: A local dir or a hub id (``org/name``).
+        key: The setting that names it (``path``, ``policy``, ...), for the message.
+
+    Raises:
+        ModelDirError: ``model dir not found: PATH`` (a hub id that does not exist fails when it is loaded).
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return
+    if local.exists():
+        raise ModelDirError(key, path, "not a model dir (a file, expected a dir)")
+    if path.startswith((".", "/", "~")) or not HUB_NAME.fullmatch(path):
+        raise ModelDirError(key, path)

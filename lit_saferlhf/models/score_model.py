@@ -39,7 +39,7 @@ from lit_saferlhf.models.layouts import (
     detect_layout,
     require_score_model,
 )
-from lit_saferlhf.models.lora import apply_lora, export_view, quantization_kwargs
+from lit_saferlhf.models.peft import apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, is_rank_zero, load_partitioned, partitioning
 
 HEAD_FILE = HEAD_FILE_V1

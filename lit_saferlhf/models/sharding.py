@@ -114,3 +114,17 @@ def fsdp1_full_state(root: nn.Module, prefix: str) -> dict[str, Tensor]:
     with FullyShardedDataParallel.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
         state = root.state_dict()
     return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+
+
+def full_tensor(param: Tensor) -> Tensor:
+    """A detached whole copy of ``param``, gathered when FSDP2 or ZeRO-3 shards it (a collective then)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        return param.full_tensor().detach().clone()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
+    return param.detach().clone()

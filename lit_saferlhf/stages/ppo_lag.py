@@ -41,6 +41,7 @@ from lit_saferlhf.data.templates import (
     trained_template,
 )
 from lit_saferlhf.errors import ConfigError, require
+from lit_saferlhf.generators import GenerationArgs, Generator, HFGenerate
 from lit_saferlhf.losses import (
     appo_policy_loss,
     k3_kl_loss,
@@ -48,24 +49,19 @@ from lit_saferlhf.losses import (
     kl_to_reference,
     lagrangian_policy_loss,
     lm_loss,
+    response_mask,
     value_loss,
 )
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
-from lit_saferlhf.models.layouts import require_policy, require_score_model
-from lit_saferlhf.models.lora import (
-    LoraArgs,
-    ReferencePolicy,
-    drop_frozen,
-    parameter_counts,
-    restore_frozen,
-    shared_frozen,
-)
+from lit_saferlhf.models.frozen import ReferencePolicy, frozen, shared_frozen
+from lit_saferlhf.models.layouts import check_model_path, require_policy, require_score_model
+from lit_saferlhf.models.logprobs import response_logprobs as chunked_response_logprobs
+from lit_saferlhf.models.peft import LoraArgs, drop_frozen, parameter_counts, restore_frozen
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
-from lit_saferlhf.rollout import GenerationArgs, Generator, HFGenerate, Rollout, response_mask
-from lit_saferlhf.rollout import response_logprobs as chunked_response_logprobs
+from lit_saferlhf.optim import OptimizerArgs, build_optimizer
 from lit_saferlhf.solvers import ConstraintSolver
-from lit_saferlhf.utils import OptimizerArgs, build_optimizer, check_model_path
+from lit_saferlhf.stages.rollout import Rollout
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ class PPOArgs:
     ama: bool = False
     """APPO (Equilibrate RLHF's AMA): the actor loss keeps only the response tokens whose Lagrangian critic value
     ``V_r - λ·V_c`` agrees in sign with their advantage ``A_r - λ·A_c`` (``lit_saferlhf.losses.appo_policy_loss``,
-    decisions in ``lit_saferlhf.ama``). Needs critics (GAE) and the ``sequence_mean`` aggregation."""
+    decisions in ``lit_saferlhf_plugins.objectives.ama``). Needs critics (GAE) and the ``sequence_mean`` aggregation."""
     ama_baseline: float = 0.0
     """``b`` of APPO's sign test: a token is kept where ``V > b`` if ``A >= 0``, where ``V < b`` if ``A < 0``."""
 
@@ -555,17 +551,10 @@ def check_estimator(
         raise ConfigError(f"model.{given[0]}", f"{name} uses no critics; leave it unset")
 
 
-def frozen(network: nn.Module) -> nn.Module:
-    """Eval mode and no gradients: never in the optimiser."""
-    network.eval()
-    network.requires_grad_(False)
-    return network
-
-
 def response_logprobs(model: nn.Module, sequences: Tensor, attention: Tensor, start: int) -> Tensor:
     """Log-probs of the response tokens ``sequences[:, start:]`` under ``model``, ``(N, A)``.
 
-    From the last hidden states in chunks (:func:`lit_saferlhf.rollout.response_logprobs`): the
+    From the last hidden states in chunks (:func:`lit_saferlhf.models.logprobs.response_logprobs`): the
     ``(N, L, V)`` logits never exist at once.
     """
     return chunked_response_logprobs(model, sequences, attention, start)

@@ -31,21 +31,15 @@ from lit_saferlhf.data.templates import (
     trained_template,
 )
 from lit_saferlhf.errors import ConfigError
-from lit_saferlhf.losses import gather_logprobs
+from lit_saferlhf.generators import GenerationArgs, Generator, HFGenerate
+from lit_saferlhf.losses import gather_logprobs, pair_metrics, response_mask
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
-from lit_saferlhf.models.lora import (
-    LoraArgs,
-    ReferencePolicy,
-    describe_parameters,
-    drop_frozen,
-    restore_frozen,
-    shared_frozen,
-)
+from lit_saferlhf.models.frozen import ReferencePolicy, frozen, shared_frozen
+from lit_saferlhf.models.peft import LoraArgs, describe_parameters, drop_frozen, restore_frozen
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
-from lit_saferlhf.objectives import Objective, PairBatch, pair_metrics
-from lit_saferlhf.rollout import GenerationArgs, Generator, HFGenerate, response_mask
-from lit_saferlhf.utils import OptimizerArgs, build_optimizer
+from lit_saferlhf.objectives import Objective, PairBatch
+from lit_saferlhf.optim import OptimizerArgs, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -333,13 +327,6 @@ def check_sources(objective: Objective, reward_model: ScoreSource | None, cost_m
 def objective_settings(objective: Objective) -> dict[str, Any]:
     """The objective's plain settings (numbers, strings, flags), for ``objective.json``."""
     return {k: v for k, v in vars(objective).items() if isinstance(v, int | float | str | bool | type(None))}
-
-
-def frozen(network: nn.Module) -> nn.Module:
-    """Eval mode and no gradients: never in the optimiser."""
-    network.eval()
-    network.requires_grad_(False)
-    return network
 
 
 def summed_logprobs(model: nn.Module, ids: Tensor, attention: Tensor, weights: Tensor) -> Tensor:

@@ -18,10 +18,10 @@ from torchmetrics import MeanMetric
 from lit_saferlhf.data.templates import load_template, save_template, template_record, trained_template
 from lit_saferlhf.losses import reward_loss, tokenwise_reward_loss
 from lit_saferlhf.models.causal_lm import ModelSource, load_tokenizer
-from lit_saferlhf.models.lora import drop_frozen, restore_frozen
+from lit_saferlhf.models.peft import drop_frozen, restore_frozen
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
-from lit_saferlhf.utils import OptimizerArgs, build_optimizer
+from lit_saferlhf.optim import OptimizerArgs, build_optimizer
 
 LossType = Literal["sequence-wise", "token-wise"]
 

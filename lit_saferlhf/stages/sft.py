@@ -19,9 +19,9 @@ from transformers import PreTrainedModel
 from lit_saferlhf.data.templates import load_template, policy_files, save_template, trained_template
 from lit_saferlhf.losses import lm_loss
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
-from lit_saferlhf.models.lora import drop_frozen, restore_frozen
+from lit_saferlhf.models.peft import drop_frozen, restore_frozen
 from lit_saferlhf.models.sharding import full_state_dict, shard
-from lit_saferlhf.utils import OptimizerArgs, build_optimizer
+from lit_saferlhf.optim import OptimizerArgs, build_optimizer
 
 
 class TokenMetrics(torch.nn.Module):

@@ -12,14 +12,14 @@ from typing import Literal
 
 from torch import Tensor
 
-from lit_saferlhf.advantages import (
-    AdvantageEstimator,
+from lit_saferlhf.advantages import AdvantageEstimator
+from lit_saferlhf.errors import ConfigError
+from lit_saferlhf.losses import (
     broadcast_to_tokens,
     group_normalized_advantages,
     leave_one_out_advantages,
     sequence_scores,
 )
-from lit_saferlhf.errors import ConfigError
 
 KEY = "model.init_args.advantage"
 """Where a PPO-Lagrangian config sets the estimator, for errors in its settings."""

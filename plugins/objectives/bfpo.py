@@ -7,7 +7,8 @@ from typing import ClassVar
 from torch import Tensor
 
 from lit_saferlhf.errors import ConfigError
-from lit_saferlhf.objectives import Label, Objective, PairBatch, bfpo_loss, bfpo_targets, ordered
+from lit_saferlhf.losses import bfpo_loss, bfpo_targets, ordered
+from lit_saferlhf.objectives import Label, Objective, PairBatch
 
 
 class BFPO(Objective):

@@ -21,16 +21,8 @@ import torch
 from torch import Tensor
 
 from lit_saferlhf.errors import ConfigError
-from lit_saferlhf.objectives import (
-    Label,
-    Objective,
-    PairBatch,
-    lagrangian_preference,
-    ordered,
-    pecan_loss,
-    soft_dpo_loss,
-    solve_can_dual,
-)
+from lit_saferlhf.losses import lagrangian_preference, ordered, pecan_loss, soft_dpo_loss, solve_can_dual
+from lit_saferlhf.objectives import Label, Objective, PairBatch
 
 
 class _Dualized(Objective):

@@ -7,7 +7,8 @@ from typing import ClassVar
 from torch import Tensor
 
 from lit_saferlhf.errors import ConfigError
-from lit_saferlhf.objectives import Label, Objective, PairBatch, dpo_loss, lagrangian_preference, soft_dpo_loss
+from lit_saferlhf.losses import dpo_loss, lagrangian_preference, soft_dpo_loss
+from lit_saferlhf.objectives import Label, Objective, PairBatch
 from lit_saferlhf.solvers import ConstraintSolver
 
 

@@ -12,9 +12,10 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
-from lit_saferlhf.ama import AMA
 from lit_saferlhf.errors import ConfigError
-from lit_saferlhf.objectives import Label, Objective, PairBatch, dpo_loss, ipo_loss, kto_loss, ordered
+from lit_saferlhf.losses import dpo_loss, ipo_loss, kto_loss, ordered
+from lit_saferlhf.objectives import Label, Objective, PairBatch
+from lit_saferlhf_plugins.objectives.ama import AMA
 
 PairKind = Literal["helpfulness", "safety"]
 
@@ -33,7 +34,7 @@ class DPO(Objective):
         pairs: Which ordering of each row to learn: ``helpfulness`` (better_response_id) or
             ``safety`` (safer_response_id).
         ama: ADPO (Equilibrate RLHF): sum only the tokens a score model finds decisive, those above
-            the baseline in the chosen response and below it in the rejected one (``lit_saferlhf.ama``).
+            the baseline in the chosen response and below it in the rejected one (``ama.py`` beside this file).
     """
 
     requires: ClassVar[tuple[Label, ...]] = ("better",)

@@ -6,7 +6,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from lit_saferlhf.objectives import Label, Objective, PairBatch, ordered, safe_dpo_loss, safe_dpo_transform
+from lit_saferlhf.losses import ordered, safe_dpo_loss, safe_dpo_transform
+from lit_saferlhf.objectives import Label, Objective, PairBatch
 
 
 class SafeDPO(Objective):

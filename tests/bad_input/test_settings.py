@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from lit_saferlhf import cli
+from lit_saferlhf.callbacks.checkpoints import AtomicCheckpointIO
 from lit_saferlhf.errors import DiskFullError, expected_error, writing
-from lit_saferlhf.reliability import AtomicCheckpointIO
 from tests.bad_input.harness import (
     PKU_ROW,
     TINY_LLAMA,
@@ -299,7 +299,7 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch
     def broken(argv: list[str]) -> None:
         raise KeyError("a bug")
 
-    monkeypatch.setitem(cli.COMMANDS, "world", broken)
+    monkeypatch.setattr("lit_saferlhf.commands.world.world_command", broken)
     with pytest.raises(KeyError, match="a bug"):
         cli.main(["world"])
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_saferlhf.report import read_stage_metrics
+from lit_saferlhf.commands.report import read_stage_metrics
 from tests.distributed.test_reliability import finish, global_step, start, wait_until
 from tests.distributed.test_strategies import clean_environment
 

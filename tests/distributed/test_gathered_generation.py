@@ -26,8 +26,9 @@ def rank_main(rank: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from lit_saferlhf.generators import GenerationArgs
     from lit_saferlhf.models.sharding import shard
-    from lit_saferlhf.rollout import GenerationArgs, StaticCacheGenerate
+    from lit_saferlhf_plugins.generators.static_cache import StaticCacheGenerate
     from tests.unit.test_rollout import EOS, PAD, left_padded_prompts, tiny_lm
 
     dist.init_process_group("gloo", rank=rank, world_size=2)

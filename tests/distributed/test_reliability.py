@@ -30,19 +30,12 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 import lit_saferlhf.stages.sft
-from lit_saferlhf.cli import cli_main
-from lit_saferlhf.reliability import (
-    RANK_STATES_KEY,
-    AtomicCheckpointIO,
-    AtomicCheckpoints,
-    NonFiniteLossError,
-    NonFiniteLossGuard,
-    hpc_checkpoint_path,
-    partial_path,
-    random_state,
-    repair_batch_progress,
-    set_random_state,
-)
+from lit_saferlhf.callbacks import AtomicCheckpoints, NonFiniteLossGuard
+from lit_saferlhf.callbacks.checkpoints import AtomicCheckpointIO, partial_path
+from lit_saferlhf.callbacks.guards import NonFiniteLossError
+from lit_saferlhf.callbacks.preemption import hpc_checkpoint_path
+from lit_saferlhf.callbacks.resume import RANK_STATES_KEY, random_state, repair_batch_progress, set_random_state
+from lit_saferlhf.commands.fit import cli_main
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

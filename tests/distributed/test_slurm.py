@@ -19,7 +19,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from lit_saferlhf.cli import cli_main
+from lit_saferlhf.commands.fit import cli_main
 from lit_saferlhf_plugins.solvers import DualAscent
 from tests.distributed.rank_checks import RecordBatches
 from tests.distributed.test_reliability import (

@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from lit_saferlhf.rollout import GenerationArgs, StaticCacheGenerate
+from lit_saferlhf.generators import GenerationArgs
+from lit_saferlhf_plugins.generators.static_cache import StaticCacheGenerate
 from tests.unit.test_rollout import EOS, PAD, hf_greedy, left_padded_prompts, tiny_lm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_saferlhf.ama import AMA
 from lit_saferlhf.cli import main
 from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.stages.ppo_lag import PPOArgs
+from lit_saferlhf_plugins.objectives.ama import AMA
 from tests.helpers import CONFIGS, column, fit, metrics
 
 

@@ -75,7 +75,7 @@ def test_lora_checkpoint_exports_with_the_export_command(tiny_models: dict[str, 
 def test_lora_fragments_compose_with_their_stages(
     stage: str, fragment: str, key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lit_saferlhf.cli import cli_main
+    from lit_saferlhf.commands.fit import cli_main
 
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", f"--config={CONFIGS / 'tiny' / f'{stage}.yaml'}", f"--config={CONFIGS / 'peft' / fragment}",
@@ -234,7 +234,8 @@ def test_lora_sft_resumes_exactly_under_fsdp2(tiny_models: dict[str, Path], tmp_
 
 def test_lora_offline_reference_is_the_policy_with_its_adapters_off(tiny_models: dict[str, Path]) -> None:
     from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
-    from lit_saferlhf.models.lora import LoraArgs, ReferencePolicy
+    from lit_saferlhf.models.frozen import ReferencePolicy
+    from lit_saferlhf.models.peft import LoraArgs
     from lit_saferlhf.stages import PreferenceOptimization
     from lit_saferlhf.stages.preference import summed_logprobs
     from lit_saferlhf_plugins.objectives import DPO

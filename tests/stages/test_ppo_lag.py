@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_saferlhf.advantages import group_normalized_advantages
-from lit_saferlhf.losses import gae, kl_shaped_rewards
-from lit_saferlhf.rollout import GenerationArgs
+from lit_saferlhf.generators import GenerationArgs
+from lit_saferlhf.losses import gae, group_normalized_advantages, kl_shaped_rewards
 from lit_saferlhf.solvers import ConstraintSolver
 from lit_saferlhf.stages import PPOArgs, PPOLagrangian
 from lit_saferlhf_plugins.advantages import GroupNormalized, LeaveOneOut

@@ -173,7 +173,7 @@ def test_merge_is_the_weighted_average(tmp_path: Path) -> None:
 
 
 def test_merge_worked_example_and_mismatch() -> None:
-    from lit_saferlhf.merge import linear_merge
+    from lit_saferlhf.commands.merge import linear_merge
 
     merged = linear_merge([{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, -2.0])}], [0.75, 0.25])
     assert merged["w"].tolist() == [1.5, 1.0]  # θ_r = (1, 2), θ* = (3, −2), q = 0.25
@@ -224,7 +224,7 @@ def test_bfpo_trains_on_real_pku_saferlhf_pairs(
 
 
 def test_cached_reference_log_probs_match_a_fresh_forward(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    from lit_saferlhf.parsing import cli_main
+    from lit_saferlhf.commands.fit import cli_main
     from lit_saferlhf.stages.preference import summed_logprobs
 
     args = [a for a in overrides("dpo", tiny_models) if "max_steps" not in a and "limit=" not in a]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_saferlhf.cli import cli_main
+from lit_saferlhf.commands.fit import cli_main
 from lit_saferlhf.data import PKUSafeRLHF, load_records
 from lit_saferlhf.data import safety_world as world
 from lit_saferlhf.data.collate import Encoder, collate_pairs

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_saferlhf.cli import cli_main, main
+from lit_saferlhf.cli import main
+from lit_saferlhf.commands.fit import cli_main
 from tests.helpers import CONFIGS, column, fit, metrics
 
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_saferlhf.advantages import (
-    GAE,
+from lit_saferlhf.advantages import GAE
+from lit_saferlhf.losses import (
+    aggregate,
     broadcast_to_tokens,
+    gae,
     group_normalized_advantages,
+    k3_kl_loss,
+    lagrangian_policy_loss,
     leave_one_out_advantages,
     sequence_scores,
 )
-from lit_saferlhf.losses import aggregate, gae, k3_kl_loss, lagrangian_policy_loss
-from lit_saferlhf.registry import load_advantage_plugins
+from lit_saferlhf.registry import load_kind
 from lit_saferlhf_plugins.advantages import GroupNormalized, LeaveOneOut
 
 # METHODS.md §6.2, Constrained GRPO: G = 4, sample std, no ε.
@@ -130,7 +133,7 @@ def test_group_normalized_rejects_an_unknown_std() -> None:
 
 
 def test_builtins_resolve_by_short_name() -> None:
-    assert set(load_advantage_plugins()) >= {"GAE", "GroupNormalized", "LeaveOneOut"}
+    assert set(load_kind("advantage estimator")) >= {"GAE", "GroupNormalized", "LeaveOneOut"}
 
 
 # ---- loss aggregation and the k3 KL term --------------------------------------------------------

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_saferlhf.ama import AMA
 from lit_saferlhf.losses import adpo_token_mask, appo_policy_loss, appo_token_mask, lagrangian_policy_loss
 from lit_saferlhf.objectives import PairBatch
 from lit_saferlhf_plugins.objectives import DPO, IPO
+from lit_saferlhf_plugins.objectives.ama import AMA
 
 # METHODS.md §2 (e): pair 0 = (chosen, rejected); the rejected response has 2 tokens (third is padding).
 POLICY = torch.tensor([[-1.0, -2.0, -3.0], [-2.0, -1.0, 0.0]], dtype=torch.float64)
@@ -95,7 +95,7 @@ def test_ama_negates_a_cost_models_scores(monkeypatch: pytest.MonkeyPatch) -> No
         def forward(self, ids, attention):
             return type("Out", (), {"scores": torch.tensor([[1.0, -2.0]])})()
 
-    monkeypatch.setattr("lit_saferlhf.ama._score_model", lambda path, device: Fixed())
+    monkeypatch.setattr("lit_saferlhf_plugins.objectives.ama._score_model", lambda path, device: Fixed())
     ids = torch.zeros(1, 2, dtype=torch.long)
     assert AMA("x").token_scores(ids, ids).tolist() == [[1.0, -2.0]]
     assert AMA("x", negate=True).token_scores(ids, ids).tolist() == [[-1.0, 2.0]]

@@ -9,9 +9,9 @@ import pytest
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 
-from lit_saferlhf.cli import cli_main
-from lit_saferlhf.compatibility import StrategyCheck, UnsupportedCombinationError, check_strategy
-from lit_saferlhf.rollout import HFGenerate
+from lit_saferlhf.callbacks.guards import StrategyCheck, UnsupportedCombinationError, check_strategy
+from lit_saferlhf.commands.fit import cli_main
+from lit_saferlhf.generators import HFGenerate
 from tests.helpers import CONFIGS
 
 

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lit_saferlhf.models.sharding as sharding
-from lit_saferlhf.consolidate import export_command
+from lit_saferlhf.commands.export import export_command
+from lit_saferlhf.commands.pipeline import newest_checkpoint
 from lit_saferlhf.models.sharding import full_state_dict
-from lit_saferlhf.pipeline import newest_checkpoint
 from tests.helpers import CONFIGS, fit
 
 SFT, COST, PPO = CONFIGS / "tiny/sft.yaml", CONFIGS / "tiny/cost.yaml", CONFIGS / "tiny/ppo_lag.yaml"

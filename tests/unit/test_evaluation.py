@@ -11,19 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_saferlhf.commands.evaluate import evaluate, evaluate_command
+from lit_saferlhf.commands.evaluate.arena import arena
+from lit_saferlhf.commands.evaluate.generation import generate_responses
+from lit_saferlhf.commands.evaluate.judging import judge, looks_like_refusal, summarise
+from lit_saferlhf.commands.evaluate.prompts import PromptSet
+from lit_saferlhf.commands.evaluate.scoring import score_texts
 from lit_saferlhf.data import safety_world
 from lit_saferlhf.data.records import BadRecordError
-from lit_saferlhf.evaluation import (
-    PromptSet,
-    arena,
-    evaluate,
-    evaluate_command,
-    generate_responses,
-    judge,
-    looks_like_refusal,
-    score_texts,
-    summarise,
-)
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
 from lit_saferlhf.models.score_model import ScoreModel
 

@@ -17,18 +17,10 @@ from transformers import AutoModel, AutoModelForCausalLM
 from lit_saferlhf.data.safety_world import build_tokenizer
 from lit_saferlhf.losses import gather_logprobs
 from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
-from lit_saferlhf.models.lora import (
-    FrozenScoreTwin,
-    LoraArgs,
-    ReferencePolicy,
-    drop_frozen,
-    merged_state_dict,
-    parameter_counts,
-    restore_frozen,
-    shared_frozen,
-)
+from lit_saferlhf.models.frozen import FrozenScoreTwin, ReferencePolicy, shared_frozen
+from lit_saferlhf.models.logprobs import response_logprobs
+from lit_saferlhf.models.peft import LoraArgs, drop_frozen, merged_state_dict, parameter_counts, restore_frozen
 from lit_saferlhf.models.score_model import ScoreModel
-from lit_saferlhf.rollout import response_logprobs
 
 TINY = {
     "model_type": "llama",
@@ -270,7 +262,7 @@ def test_bad_lora_settings_are_refused(base_dirs: dict[str, Path]) -> None:
 
 
 def test_the_rollout_copy_of_a_sharded_lora_actor_has_the_adapters_merged(base_dirs: dict[str, Path]) -> None:
-    from lit_saferlhf.rollout import LocalCopy
+    from lit_saferlhf_plugins.generators.static_cache import LocalCopy
 
     ids, mask = batch()
     actor = policy(base_dirs["policy"])

@@ -134,7 +134,7 @@ def test_gradient_checkpointing_and_dtype_options_apply() -> None:
 
 
 def test_hyperparameter_dataclasses_load_with_weights_only(tmp_path: Path) -> None:
-    from lit_saferlhf.utils import OptimizerArgs
+    from lit_saferlhf.optim import OptimizerArgs
 
     hparams = {"model": ModelSource(path="x", dtype="bfloat16"), "optimizer": OptimizerArgs(lr=3e-4)}
     torch.save({"hyper_parameters": hparams}, tmp_path / "hp.ckpt")

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from lit_saferlhf.objectives import (
-    PairBatch,
+from lit_saferlhf.losses import (
     bfpo_loss,
     bfpo_targets,
     can_dual,
@@ -24,6 +23,7 @@ from lit_saferlhf.objectives import (
     soft_dpo_loss,
     solve_can_dual,
 )
+from lit_saferlhf.objectives import PairBatch
 from lit_saferlhf_plugins.objectives import BFPO, CDPO, DPO, IPO, KTO, MoCAN, PeCAN, SafeDPO
 from lit_saferlhf_plugins.solvers import DualAscent
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
-from lit_saferlhf.registry import PluginError, load_solver_plugins
-from lit_saferlhf.solvers import ENTRY_POINT_GROUP, ConstraintSolver
+from lit_saferlhf.registry import KINDS, PluginError, load_kind
+from lit_saferlhf.solvers import ConstraintSolver
 from lit_saferlhf_plugins.solvers import DualAscent, FixedPenalty, PIDLagrangian
 
 HALF_STEP_SOURCE = '''
@@ -49,7 +49,7 @@ def _install_fake_distribution(root: Path, package: str, entry_points: dict[str,
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
     lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
-    (dist_info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}\n")
+    (dist_info / "entry_points.txt").write_text(f"[{KINDS['solver'].group}]\n{lines}\n")
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def test_builtins_are_found_without_any_plugin() -> None:
-    solvers = load_solver_plugins()
+    solvers = load_kind("solver")
     assert solvers["FixedPenalty"] is FixedPenalty
     assert solvers["DualAscent"] is DualAscent
     assert solvers["PIDLagrangian"] is PIDLagrangian
@@ -73,7 +73,7 @@ def test_builtins_are_found_without_any_plugin() -> None:
 
 def test_third_party_entry_point_is_loaded(site: Path) -> None:
     _install_fake_distribution(site, "my_lab_solvers", {"HalfStep": "my_lab_solvers:HalfStep"})
-    solvers = load_solver_plugins()
+    solvers = load_kind("solver")
     half_step = solvers["HalfStep"]
     assert issubclass(half_step, ConstraintSolver)
     assert half_step.__module__ == "my_lab_solvers"
@@ -84,7 +84,7 @@ def test_third_party_entry_point_is_loaded(site: Path) -> None:
 def test_entry_point_to_a_non_solver_names_the_entry_point_and_distribution(site: Path) -> None:
     _install_fake_distribution(site, "broken_lab_solvers", {"NotASolver": "broken_lab_solvers:not_a_solver"})
     with pytest.raises(PluginError, match="not a subclass of") as info:
-        load_solver_plugins()
+        load_kind("solver")
     assert "'NotASolver'" in str(info.value)
     assert "broken_lab_solvers 0.1" in str(info.value)  # the distribution that declares it
 
@@ -92,7 +92,7 @@ def test_entry_point_to_a_non_solver_names_the_entry_point_and_distribution(site
 def test_entry_point_that_fails_to_import_names_the_entry_point_and_distribution(site: Path) -> None:
     _install_fake_distribution(site, "typo_lab_solvers", {"Missing": "typo_lab_solvers:HalfStp"})
     with pytest.raises(PluginError, match="failed to load") as info:
-        load_solver_plugins()
+        load_kind("solver")
     assert "'Missing'" in str(info.value)
     assert "typo_lab_solvers 0.1" in str(info.value)
     assert "HalfStp" in str(info.value)
@@ -101,7 +101,7 @@ def test_entry_point_that_fails_to_import_names_the_entry_point_and_distribution
 def test_entry_point_reusing_a_builtin_name_is_rejected(site: Path) -> None:
     _install_fake_distribution(site, "clash_lab_solvers", {"DualAscent": "clash_lab_solvers:HalfStep"})
     with pytest.raises(PluginError, match="already taken by") as info:
-        load_solver_plugins()
+        load_kind("solver")
     assert "clash_lab_solvers 0.1" in str(info.value)
 
 
@@ -113,7 +113,7 @@ def _solver_parser() -> ArgumentParser:
 
 def test_jsonargparse_resolves_a_plugin_by_short_name(site: Path) -> None:
     _install_fake_distribution(site, "my_lab_solvers", {"HalfStep": "my_lab_solvers:HalfStep"})
-    load_solver_plugins()
+    load_kind("solver")
     parser = _solver_parser()
     config = parser.parse_args(["--solver", "HalfStep", "--solver.some_arg", "3"])
     assert config.solver.class_path == "my_lab_solvers.HalfStep"
@@ -137,7 +137,7 @@ def test_jsonargparse_resolves_a_plugin_by_short_name(site: Path) -> None:
     ],
 )
 def test_jsonargparse_resolves_builtins(argv: list[str], cls: type, attribute: str, value: object) -> None:
-    load_solver_plugins()
+    load_kind("solver")
     parser = _solver_parser()
     solver = parser.instantiate_classes(parser.parse_args(argv)).solver
     assert type(solver) is cls
@@ -145,7 +145,7 @@ def test_jsonargparse_resolves_builtins(argv: list[str], cls: type, attribute: s
 
 
 def test_jsonargparse_help_shows_the_docstring_of_every_argument(capsys: pytest.CaptureFixture[str]) -> None:
-    load_solver_plugins()
+    load_kind("solver")
     with pytest.raises(SystemExit):
         _solver_parser().parse_args(["--solver.help", "PIDLagrangian"])
     help_text = capsys.readouterr().out
@@ -180,7 +180,7 @@ def test_solver_config_fragments_instantiate(config: str, expected: ConstraintSo
 def solver_after_fragment(base: dict, fragment: str, tmp_path: Path) -> ConstraintSolver:
     """The solver of a stage config naming ``base``, then ``--config cli_configs/solvers/<fragment>``."""
     (tmp_path / "stage.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"solver": base}}}))
-    load_solver_plugins()
+    load_kind("solver")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action="config")
     parser.add_argument("--model.init_args.solver", type=ConstraintSolver)
@@ -201,7 +201,7 @@ def test_solver_config_fragment_overrides_a_first_config_completely(config: str,
 
 
 def test_the_cli_resolves_an_installed_plugin_by_short_name(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lit_saferlhf.cli import cli_main
+    from lit_saferlhf.commands.fit import cli_main
 
     # A class name of its own: earlier tests' HalfStep classes may still be subclasses (an ambiguous short name).
     _install_fake_distribution(site, "cli_lab_solvers", {"QuarterStep": "cli_lab_solvers:QuarterStep"})

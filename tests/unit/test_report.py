@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from lit_saferlhf.report import (
+from lit_saferlhf.commands.report import (
     ema,
     join_versions,
     metrics_files,

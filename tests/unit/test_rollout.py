@@ -9,8 +9,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from lit_saferlhf import rollout
-from lit_saferlhf.rollout import GenerationArgs, HFGenerate, OutputLayer, StaticCacheGenerate, sample_next_token
+from lit_saferlhf.generators import GenerationArgs, HFGenerate
+from lit_saferlhf_plugins.generators import static_cache as rollout
+from lit_saferlhf_plugins.generators.static_cache import OutputLayer, StaticCacheGenerate, sample_next_token
 
 VOCAB, PAD, EOS = 97, 0, 1
 
@@ -209,7 +210,7 @@ def test_an_unsupported_actor_is_refused_when_the_stage_sets_up(
     module = PPOLagrangian(policy=str(tiny_models["sft"]), reward_model=str(tiny_models["reward"]),
                            cost_model=str(tiny_models["cost"]), solver=DualAscent(),
                            generator=StaticCacheGenerate())  # fmt: skip
-    with pytest.raises(ValueError, match=r"model type 'llama' is not supported.*lit_saferlhf.rollout.HFGenerate"):
+    with pytest.raises(ValueError, match=r"model type 'llama' is not supported.*lit_saferlhf.generators.HFGenerate"):
         module.configure_model()
     HFGenerate().check_model(module.actor)  # the fallback takes any model
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_saferlhf import select
 from lit_saferlhf.cli import main
+from lit_saferlhf.commands import select
 from lit_saferlhf.data import safety_world as world
 from lit_saferlhf.errors import ConfigError, DataError
 

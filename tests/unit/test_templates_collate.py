@@ -13,7 +13,7 @@ from lit_saferlhf.data.datamodules import split_by_prompt
 from lit_saferlhf.data.records import Message, SFTRecord, user_prompt
 from lit_saferlhf.data.safety_world import build_tokenizer
 from lit_saferlhf.data.templates import ChatTemplate, SafeRLHFTemplate
-from lit_saferlhf.utils import OptimizerArgs, build_optimizer, lr_factor, parameter_groups
+from lit_saferlhf.optim import OptimizerArgs, build_optimizer, lr_factor, parameter_groups
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_saferlhf.losses import chunked_token_logprobs, gather_logprobs
-from lit_saferlhf.rollout import response_logprobs
+from lit_saferlhf.models.logprobs import response_logprobs
 from tests.unit.test_rollout import left_padded_prompts, tiny_lm
 
 V, H = 61, 12
@@ -77,7 +77,7 @@ def test_backward_keeps_no_logits() -> None:
 def test_response_logprobs_of_a_model_equal_its_full_logits(
     model_type: str, keep_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("lit_saferlhf.rollout.KEEP_LOGITS_BYTES", keep_bytes)
+    monkeypatch.setattr("lit_saferlhf.models.logprobs.KEEP_LOGITS_BYTES", keep_bytes)
     model, (ids, mask) = tiny_lm(model_type).double(), left_padded_prompts()
     sequences = torch.cat([ids, torch.randint(3, 97, (5, 6))], dim=1)
     attention = torch.cat([mask, torch.ones(5, 6, dtype=torch.long)], dim=1)

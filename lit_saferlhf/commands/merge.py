@@ -23,8 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lit_saferlhf.errors import CommandParser, ConfigError, DataError, ModelDirError, output_dir
 from lit_saferlhf.models.causal_lm import export
-from lit_saferlhf.models.layouts import require_policy
-from lit_saferlhf.utils import check_model_path
+from lit_saferlhf.models.layouts import check_model_path, require_policy
 
 
 def linear_merge(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:

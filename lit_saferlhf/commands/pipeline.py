@@ -96,7 +96,7 @@ def stage_args(spec: StageSpec, out_dir: Path, checkpoint_every: int) -> list[st
 
 def newest_checkpoint(stage_dir: Path) -> Path | None:
     """The newer of ``checkpoints/last.ckpt`` and ``hpc_ckpt_<n>.ckpt`` (a SLURM requeue), files or sharded folders."""
-    from lit_saferlhf.consolidate import checkpoint_kind
+    from lit_saferlhf.commands.export import checkpoint_kind
 
     saved = [stage_dir / "checkpoints" / "last.ckpt", *stage_dir.glob("hpc_ckpt_*.ckpt")]
     saved = [path for path in saved if checkpoint_kind(path) is not None]
@@ -105,7 +105,7 @@ def newest_checkpoint(stage_dir: Path) -> Path | None:
 
 def run_stage(index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint_every: int) -> dict[str, Any]:
     """Run one stage unless it has finished before; its record (``stage.json``)."""
-    from lit_saferlhf.parsing import cli_main
+    from lit_saferlhf.commands.fit import cli_main
 
     done, export = out_dir / spec.name / "stage.json", out_dir / spec.name / "model"
     if done.is_file() and export.is_dir():
@@ -134,7 +134,7 @@ def run_stage(index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint
 
 def run_evaluation(spec: EvaluationSpec, out_dir: Path) -> dict[str, Any]:
     """Evaluate the pipeline's policies with its reward and cost models."""
-    from lit_saferlhf.evaluation import evaluate
+    from lit_saferlhf.commands.evaluate import evaluate
 
     return evaluate(
         policies={name: str(out_dir / name / "model") for name in spec.policies},
@@ -177,7 +177,7 @@ def pipeline(
     out_dir: str, stages: list[StageSpec], evaluation: EvaluationSpec | None = None, checkpoint_every: int = 50
 ) -> Path | None:
     """Run the stages in order, then the evaluation and the report; returns the report's path."""
-    from lit_saferlhf.report import print_summary, write_report
+    from lit_saferlhf.commands.report import print_summary, write_report
 
     check_pipeline(stages, checkpoint_every)
     root = Path(out_dir)

@@ -1,21 +1,16 @@
-"""Helpers with three or more call sites: optimiser parameter groups, learning-rate schedules, model paths."""
+"""Optimiser set-up shared by every stage: AdamW parameter groups (no decay on norms and biases) and the lr schedule."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from lit_saferlhf.errors import ModelDirError, require
-
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-"""A Hugging Face hub id (``gpt2``, ``org/name``); any other path must be a local dir."""
+from lit_saferlhf.errors import require
 
 
 @dataclass(frozen=True)
@@ -90,22 +85,3 @@ def build_optimizer(
 def schedule_fn(total_steps: int, args: OptimizerArgs) -> Callable[[int], float]:
     """``lr_factor`` bound to one network's arguments (LambdaLR takes one callable per group)."""
     return lambda step: lr_factor(step, total_steps, args)
-
-
-def check_model_path(path: str, key: str) -> None:
-    """Refuse a model path that is neither an existing local dir nor a hub id.
-
-    Args:
-        path: A local dir or a hub id (``org/name``).
-        key: The setting that names it (``path``, ``policy``, ...), for the message.
-
-    Raises:
-        ModelDirError: ``model dir not found: PATH`` (a hub id that does not exist fails when it is loaded).
-    """
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return
-    if local.exists():
-        raise ModelDirError(key, path, "not a model dir (a file, expected a dir)")
-    if path.startswith((".", "/", "~")) or not HUB_NAME.fullmatch(path):
-        raise ModelDirError(key, path)

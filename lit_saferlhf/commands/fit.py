@@ -1,8 +1,10 @@
-"""Parsing set-up shared by every command that reads stage configs (``fit``, ``export``, ``pipeline``).
+"""``lit-saferlhf fit`` (and ``validate``, ``test``, ``predict``): any stage from YAML through LightningCLI.
 
-The command modules (``consolidate``, ``pipeline``) import this module, never ``lit_saferlhf.cli``,
-so the entry point sits on top of them and no import circle forms. Importing it imports the
-stages, datamodules and adapters, so YAML and the command line can name them by short class name.
+The stage is named by the config's ``model.class_path``. This module also holds the parsing set-up
+that every command reading stage configs shares (``export`` and ``pipeline`` import it, never
+``lit_saferlhf.cli``, so the entry point sits on top of the commands and no import circle forms).
+Importing it imports the stages, datamodules and adapters, and ``configure_parsing`` every plugin
+kind's built-ins and entry points, so YAML and the command line can name them by short class name.
 """
 
 from __future__ import annotations
@@ -19,20 +21,17 @@ from torch.distributed.fsdp import MixedPrecision
 
 import lit_saferlhf.data  # noqa: F401  (datamodules and adapters, so short names resolve)
 import lit_saferlhf.stages  # noqa: F401  (stage modules, so short names resolve)
-from lit_saferlhf.compatibility import StrategyCheck
+from lit_saferlhf.callbacks import project_callbacks
 from lit_saferlhf.errors import ConfigError, expected_error, locate
-from lit_saferlhf.registry import load_advantage_plugins, load_solver_plugins
-from lit_saferlhf.reliability import reliability_callbacks
+from lit_saferlhf.registry import load_plugins
 
 PARSER_KWARGS = {"exit_on_error": False, **{name: {"exit_on_error": False} for name in LightningCLI.subcommands()}}
 """Parse errors are raised, not printed with the usage: ``lit-saferlhf``'s error boundary reports them."""
 
 
 def configure_parsing() -> None:
-    """What commands that parse stage configs (``fit``, ``export``) need: plugin solvers, jsonargparse settings."""
-    load_solver_plugins()
-    load_advantage_plugins()
-    import lit_saferlhf_plugins.objectives  # noqa: F401  (built-in offline objectives, so short names resolve)
+    """What commands that parse stage configs (``fit``, ``export``) need: every plugin kind, jsonargparse settings."""
+    load_plugins()
 
     # MixedPrecision is a dataclass, which jsonargparse otherwise takes only as itself (fsdp.yaml names a subclass).
     set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_enabled=[MixedPrecision])
@@ -58,7 +57,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> LightningCL
     configure_parsing()
     # In every run: a start-up check of the stage against the strategy, atomic checkpoints, a stop on
     # non-finite losses, and a save on SIGTERM / SLURM requeue.
-    callbacks = [StrategyCheck(), *reliability_callbacks()]
+    callbacks = project_callbacks()
     if sys.stdout.isatty():
         callbacks.insert(0, RichProgressBar())
     return ProjectCLI(

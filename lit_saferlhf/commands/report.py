@@ -434,7 +434,7 @@ def write_report(
         stage_logs: Stage name -> its ``CSVLogger`` dir (holding ``version_N/metrics.csv``). A name that
             contains ``sft``, ``reward``, ``cost`` or ``ppo`` picks that stage's plots; otherwise the
             logged metrics do.
-        evaluation: What :func:`lit_saferlhf.evaluation.evaluate` returned (``rows``, ``arena``), or None.
+        evaluation: What :func:`lit_saferlhf.commands.evaluate.evaluate` returned (``rows``, ``arena``), or None.
         cost_limit: The PPO cost limit ``d``, drawn on the cost curves.
         extra: Run details for the end of the report (e.g. ``{"stages": [per-stage records]}``).
         smoothing: EMA weight for series longer than :data:`SMOOTH_MIN_POINTS` points; 0 turns it off.
@@ -488,3 +488,33 @@ def print_summary(report_path: str | Path, evaluation: dict[str, Any] | None, co
                 f"safe {fmt(arena['safe_rate_a'])} vs {fmt(arena['safe_rate_b'])} (n = {arena['n']})"
             )
     console.print(f"Report: [bold]{report_path}[/] (plots in {Path(report_path).parent / 'plots'})")
+
+
+def report_command(argv: Sequence[str]) -> Path:
+    """``lit-saferlhf report``: write ``report.md`` and its plots again from a finished (or interrupted) run dir.
+
+    Reads every ``<run>/<stage>/logs`` the pipeline wrote and, where it exists, ``<run>/evaluation``
+    (``summary.json``, ``arena.json``); the report goes to ``--out`` (default: the run dir).
+    """
+    from lit_saferlhf.errors import CommandParser, ConfigError, output_dir
+
+    parser = CommandParser(prog="lit-saferlhf report", description=report_command.__doc__)
+    parser.add_argument("--run", required=True, help="a pipeline's out_dir (holding <stage>/logs/ folders)")
+    parser.add_argument("--out", default=None, help="where report.md and plots/ go (default: --run)")
+    parser.add_argument("--cost_limit", type=float, default=None, help="the cost limit d drawn on the cost curves")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    stage_logs = {path.parent.name: path for path in sorted(run.glob("*/logs")) if path.is_dir()}
+    if not stage_logs:
+        raise ConfigError("--run", f"{args.run} holds no <stage>/logs folder (expected a pipeline's out_dir)")
+    evaluation = None
+    if (run / "evaluation" / "summary.json").is_file():
+        arena = run / "evaluation" / "arena.json"
+        evaluation = {
+            "rows": json.loads((run / "evaluation" / "summary.json").read_text()),
+            "arena": json.loads(arena.read_text()) if arena.is_file() else None,
+        }
+    out = output_dir(args.out, "--out") if args.out else run
+    path = write_report(out, stage_logs, evaluation, cost_limit=args.cost_limit)
+    print(f"report: {path}")
+    return path

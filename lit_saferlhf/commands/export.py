@@ -31,9 +31,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from torch import Tensor
 
+from lit_saferlhf.commands.fit import configure_parsing
 from lit_saferlhf.errors import CommandParser, DataError, InputNotFoundError, output_dir
-from lit_saferlhf.models.lora import restore_frozen
-from lit_saferlhf.parsing import configure_parsing  # (importing it imports the stages and datamodules)
+from lit_saferlhf.models.peft import restore_frozen
 
 CheckpointKind = Literal["file", "distributed", "deepspeed"]
 DEEPSPEED_LATEST = "latest"

@@ -1,107 +1,34 @@
-"""Rollouts for PPO: generation behind one small interface, and the ``Rollout`` batch.
+"""``StaticCacheGenerate``: fast rollouts into a preallocated KV cache, sampling on the device.
 
-A ``Generator`` turns left-padded prompt ids into sequences (prompt + response). ``HFGenerate`` is
-Hugging Face ``generate`` (any causal LM); ``StaticCacheGenerate`` decodes into a static KV cache
-with an optionally compiled step, samples among the top-k on the device, and gathers a sharded
-actor once per rollout (FSDP2, ZeRO-3). Another backend (vLLM-style) subclasses ``Generator`` and is
-named in the YAML (``model.init_args.generator``) without touching the stage. ``response_logprobs``
-scores sampled tokens from the last hidden states without the full-vocabulary logits.
+The left-padded prompts are prefilled once (the output layer on the last position only); each new
+token is then decoded into transformers' ``StaticCache`` with an optionally compiled step
+(``torch.compile``, CUDA graphs on GPUs), sampling in Hugging Face's warper order on the device, and
+a sharded actor (FSDP2, ZeRO-3) is gathered once per rollout into a local copy. Greedy, it gives
+``generate``'s tokens exactly; sampled, the same distribution.
 
-Shapes: ``N`` sequences in the rollout (prompt batch x samples per prompt), ``P`` prompt columns
-(left-padded), ``A`` response columns (right-padded after the first EOS).
+Shapes: ``N`` rows (prompts x samples per prompt), ``P`` prompt columns (left-padded, bucketed),
+``T`` new tokens, ``V`` vocabulary.
 """
 
 from __future__ import annotations
 
 import inspect
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lit_saferlhf.errors import ConfigError, require
-from lit_saferlhf.losses import chunked_token_logprobs, gather_logprobs
-
-
-@dataclass(frozen=True)
-class GenerationArgs:
-    """How responses are sampled (Safe RLHF's reference: temperature 1, top-p 1, top-k 50)."""
-
-    max_new_tokens: int = 512
-    """Longest response in tokens."""
-    temperature: float = 1.0
-    """Softmax temperature of sampling (0: greedy, with ``StaticCacheGenerate``)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1.0 disables it)."""
-    top_k: int = 50
-    """Sample among the k most likely tokens (0 disables it)."""
-    num_return_sequences: int = 1
-    """Responses sampled per prompt."""
-
-    def __post_init__(self) -> None:
-        require(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", self.max_new_tokens)
-        require(self.temperature >= 0, "temperature", "a number >= 0", self.temperature)
-        require(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
-        require(self.top_k >= 0, "top_k", "an integer >= 0", self.top_k)
-        require(self.num_return_sequences >= 1, "num_return_sequences", "an integer >= 1", self.num_return_sequences)
-
-
-class Generator(ABC):
-    """Samples responses: prompt ids in, prompt + response ids out."""
-
-    @abstractmethod
-    def generate(
-        self, model: Any, input_ids: Tensor, attention_mask: Tensor, args: GenerationArgs, eos_id: int, pad_id: int
-    ) -> Tensor:
-        """Sample from ``model`` after left-padded prompts ``(B, P)``; returns ``(B * n, P + A)``.
-
-        Rows that finished early are filled with ``pad_id`` after their EOS.
-        """
-
-    def check_model(self, model: Any) -> None:  # noqa: B027 (optional hook, no-op by default)
-        """Refuse, when the stage sets up, a model this backend cannot decode (default: every model is fine)."""
-
-
-class HFGenerate(Generator):
-    """Hugging Face ``generate`` with sampling.
-
-    Args:
-        synced_gpus: Keep every rank stepping until all finish (needed under ZeRO-3/FSDP, where each
-            decoding step gathers sharded weights from every rank). ``None`` = on when distributed.
-    """
-
-    def __init__(self, synced_gpus: bool | None = None) -> None:
-        self.synced_gpus = synced_gpus
-
-    def generate(
-        self, model: Any, input_ids: Tensor, attention_mask: Tensor, args: GenerationArgs, eos_id: int, pad_id: int
-    ) -> Tensor:
-        """Sample with ``model.generate``."""
-        synced = self.synced_gpus
-        if synced is None:
-            synced = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=True,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            num_return_sequences=args.num_return_sequences,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-            synced_gpus=synced,
-        )
-
+from lit_saferlhf.errors import ConfigError
+from lit_saferlhf.generators import GenerationArgs, Generator
+from lit_saferlhf.models.logprobs import plain_parameters, position_ids
 
 GENERATOR_KEY = "model.init_args.generator"
 """Where a PPO-Lagrangian config sets the generation backend, for errors in its settings."""
 
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")
 """Model types whose forward this backend drives with a static cache and ``position_ids`` (tested on CPU)."""
+
 
 GENERATION_CONFIG_NO_OPS = {
     "repetition_penalty": 1.0,
@@ -280,7 +207,7 @@ def check_supported(model: Any) -> None:
             GENERATOR_KEY,
             f"StaticCacheGenerate: model type {model_type!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}); use model.generator: "
-            "{class_path: lit_saferlhf.rollout.HFGenerate} for this model",
+            "{class_path: lit_saferlhf.generators.HFGenerate} for this model",
         )
     config = getattr(model, "generation_config", None)
     active = {
@@ -293,7 +220,7 @@ def check_supported(model: Any) -> None:
             GENERATOR_KEY,
             f"StaticCacheGenerate: the model's generation_config sets {active}, which Hugging Face generate "
             "applies and this backend does not; reset them in generation_config.json or use "
-            "lit_saferlhf.rollout.HFGenerate",
+            "lit_saferlhf.generators.HFGenerate",
         )
 
 
@@ -360,11 +287,6 @@ def left_pad(tensor: Tensor, multiple: int, value: int) -> Tensor:
     """Left-pad ``(N, P)`` with ``value`` to the next multiple of ``multiple`` columns."""
     extra = -tensor.shape[1] % multiple
     return torch.nn.functional.pad(tensor, (extra, 0), value=value) if extra else tensor
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding, as ``generate`` counts them, ``(N, P)``."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def cache_argument(model: Any) -> str:
@@ -489,7 +411,8 @@ class LocalCopy:
 
     def refresh_merged(self, model: Any) -> Any:
         """``refresh`` for a ``peft`` actor: its gathered weights, adapters merged, under the base model's names."""
-        from lit_saferlhf.models.lora import base_name, full_tensor, merged_state_dict
+        from lit_saferlhf.models.peft import base_name, merged_state_dict
+        from lit_saferlhf.models.sharding import full_tensor
 
         full = {name: full_tensor(param) for name, param in model.named_parameters()}  # one at a time, every rank
         local = dict(self.network.named_parameters())
@@ -500,96 +423,3 @@ class LocalCopy:
             local_buffers[base_name(name)].copy_(buffer)
         self.network.train(model.training)
         return self.network
-
-
-def response_mask(responses: Tensor, eos_id: int) -> Tensor:
-    """True on response tokens up to and including the first EOS (all of them if none), ``(N, A)``."""
-    is_eos = responses == eos_id
-    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()  # EOS tokens strictly before t
-    return eos_before == 0
-
-
-KEEP_LOGITS_BYTES = 256 * 2**20
-"""Largest float32 response logits ``(N, A, V)`` that backward may keep (else it recomputes them per chunk)."""
-
-
-def response_logprobs(
-    model: Any, sequences: Tensor, attention: Tensor, start: int, chunk_size: int | None = None
-) -> Tensor:
-    """Log-probs of the response tokens ``sequences[:, start:]`` under a causal LM, ``(N, A)``.
-
-    From the decoder's last hidden states through :func:`~lit_saferlhf.losses.chunked_token_logprobs`:
-    the output layer runs on the response positions only, ``chunk_size`` positions at a time, so the
-    ``(N, L, V)`` logits never exist; backward recomputes each chunk's logits instead of keeping them
-    when the response logits would take more than ``KEEP_LOGITS_BYTES`` (below that, keeping them
-    saves one output-layer matmul). Where the output layer's weights
-    are not plain local tensors (FSDP2, FSDP1, ZeRO-3: the wrapper gathers them in the model's own
-    forward) or the model transforms its logits beyond a soft cap, the same numbers come from the
-    model's full logits instead.
-
-    Args:
-        model: A Hugging Face causal LM (possibly wrapped by ``peft``).
-        sequences: Prompt + response ids, ``(N, L)``.
-        attention: Attention mask, ``(N, L)``; left-padded prompts.
-        start: Column of the first response token.
-        chunk_size: Positions per chunk of the output layer. None: 64 on CPU (a chunk's logits stay in the
-            processor's cache: 20-40% faster than 1024 in ``benchmarks/ppo_step.py``'s shape), 1024 on GPUs.
-    """
-    positions = position_ids(attention)
-    head = model.get_output_embeddings()
-    config = model.config
-    scaled = any(getattr(config, name, None) is not None for name in ("logit_scale", "logits_scaling"))
-    if type(head) is not torch.nn.Linear or scaled or not plain_parameters(model):
-        logits = model(input_ids=sequences, attention_mask=attention, position_ids=positions).logits
-        return gather_logprobs(logits[:, start - 1 : -1], sequences[:, start:])
-    hidden = model.get_decoder()(input_ids=sequences, attention_mask=attention, position_ids=positions)[0]
-    softcap = getattr(config, "final_logit_softcapping", None)
-    recompute = sequences[:, start:].numel() * head.weight.shape[0] * 4 > KEEP_LOGITS_BYTES  # float32 logits
-    chunk_size = chunk_size or (64 if hidden.device.type == "cpu" else 1024)
-    return chunked_token_logprobs(
-        hidden[:, start - 1 : -1], head.weight, sequences[:, start:], head.bias, chunk_size, softcap, recompute
-    )
-
-
-def plain_parameters(model: Any) -> bool:
-    """Whether every parameter of ``model`` is a whole local tensor (not FSDP2, FSDP1 or ZeRO-3 managed)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    from lit_saferlhf.models.sharding import is_sharded, is_zero3_partitioned
-
-    wrapped = any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
-    return not (wrapped or is_sharded(model) or is_zero3_partitioned(model))
-
-
-@dataclass
-class Rollout:
-    """Everything PPO needs about a batch of sampled sequences; tensors share the first dim ``N``."""
-
-    input_ids: Tensor  # (N, P + A) prompt + response
-    attention_mask: Tensor  # (N, P + A)
-    mask: Tensor  # (N, A) true on response tokens that exist
-    old_logprobs: Tensor  # (N, A)
-    ref_logprobs: Tensor  # (N, A)
-    reward_values: Tensor  # (N, A)
-    cost_values: Tensor  # (N, A)
-    end_rewards: Tensor  # (N,)
-    end_costs: Tensor  # (N,)
-    reward_advantages: Tensor  # (N, A)
-    reward_returns: Tensor  # (N, A)
-    cost_advantages: Tensor  # (N, A)
-    cost_returns: Tensor  # (N, A)
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, index: Tensor) -> Rollout:
-        """The rows ``index`` of every tensor."""
-        return Rollout(**{field.name: getattr(self, field.name)[index] for field in fields(self)})
-
-    def minibatches(self, size: int, epochs: int, generator: torch.Generator | None = None) -> list[Rollout]:
-        """``epochs`` shuffled passes over the rollout in minibatches of ``size`` rows."""
-        batches = []
-        for _ in range(epochs):
-            order = torch.randperm(len(self), generator=generator).to(self.input_ids.device)
-            batches += [self.select(order[start : start + size]) for start in range(0, len(self), size)]
-        return batches
