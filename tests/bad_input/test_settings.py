@@ -239,7 +239,7 @@ def test_a_full_disk_anywhere_in_a_command(monkeypatch: pytest.MonkeyPatch, tmp_
             handle.flush()
         return {}
 
-    monkeypatch.setattr("lit_saferlhf.data.safety_world.write_world", write_world)
+    monkeypatch.setattr("lit_saferlhf.commands.world.write_world", write_world)
     assert_names(user_error(["world", f"--out={tmp_path}"], capsys), "error: disk full while writing")
 
 
