@@ -1,6 +1,6 @@
 """Held-out accuracy of a small cost model trained for a few minutes on real PKU-SafeRLHF pairs (CPU).
 
-Runs ``cli_configs/examples/cost_pku_tiny.yaml`` through ``lit_saferlhf.cli.cli_main`` (one
+Runs ``cli_configs/examples/cost_pku_tiny.yaml`` through ``lit_saferlhf.commands.fit.cli_main`` (one
 validation of the untrained model, then ``fit`` under a time cap), reads the held-out metrics
 from the CSV log, and prints a markdown table with the machine, the command, the split sizes,
 the held-out pairwise and sign accuracy at each validation, the chance levels and two baselines

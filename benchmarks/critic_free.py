@@ -181,18 +181,20 @@ def report(
         "# Critic-free constrained RL on the safety world: GRPO- and RLOO-Lagrangian vs PPO-Lagrangian",
         "",
         f"- Machine: {common.machine(args.load_at_start)}",
-        f"- Command: `OMP_NUM_THREADS=1 python benchmarks/critic_free.py {' '.join(args.argv)}`",
+        f"- Command: `OMP_NUM_THREADS=1 python benchmarks/critic_free.py {common.repo_relative(' '.join(args.argv))}`",
         f"- Checkout: {common.git_revision()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total "
         f"{minutes:.1f} min",
-        f"- Models: `{args.models}` (SFT, reward, cost); every run starts from that SFT policy. Solver: DualAscent "
+        f"- Models: `{common.repo_relative(args.models)}` (SFT, reward, cost); every run starts from that SFT policy. "
+        "Solver: DualAscent "
         f"(λ0 = 1, lr 0.1 on ln λ, cap 5), d = {d:g}, as shipped in each config. Equal generated samples: "
         f"{args.rollouts * SEQUENCES_PER_ROLLOUT} per run (PPO: {args.rollouts} rollouts x 32 prompts x 1; GRPO/RLOO: "
         f"{args.rollouts} rollouts x 8 prompts x 4).",
         "- PPO-Lagrangian: `cli_configs/tiny/ppo_lag.yaml` (GAE, KL as a per-token reward penalty β = 0.05, "
         "sequence mean). GRPO/RLOO: `cli_configs/tiny/{grpo,rloo}_lag.yaml` (no critics, k3 KL loss β = 0.05, "
         "token mean). Actor lr 5e-4 in all three.",
-        f"- Evaluation: `lit_saferlhf.commands.evaluate.evaluate` on `safety-world:prompts-eval` ({args.limit} held-out "
-        "prompts), sampling seed 0, at most 14 new tokens; ground truth from `lit_saferlhf.data.safety_world`.",
+        f"- Evaluation: `lit_saferlhf.commands.evaluate.evaluate` on `safety-world:prompts-eval` ({args.limit} "
+        "held-out prompts), sampling seed 0, at most 14 new tokens; ground truth from "
+        "`lit_saferlhf.data.safety_world`.",
         "- Memory: held/trained = parameters the stage holds / trains (its start-up line); peak RSS = the run's "
         "process peak resident memory (includes torch itself, ~the same for all; with models this tiny the "
         "networks are a small part of it). Time: the logged generation + scoring + update seconds per rollout "

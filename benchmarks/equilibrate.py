@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from ppo_solvers import cells, fit, fmt, git_revision, machine  # noqa: E402  (the solver benchmark's helpers)
+from ppo_solvers import cells, fit, fmt, git_revision, machine, repo_relative  # noqa: E402  (the solver benchmark's helpers)
 
 TINY = REPO / "cli_configs" / "tiny"
 EVAL_SET = "safety-world:prompts-risk-eval"
@@ -244,7 +244,7 @@ def claims(per_seed: list[dict[str, dict[str, float]]]) -> list[str]:
 
 
 def report(args: argparse.Namespace, per_seed: list[dict[str, dict[str, float]]], load: str, minutes: float) -> str:
-    command = "OMP_NUM_THREADS=1 python benchmarks/equilibrate.py " + shlex.join(sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 python benchmarks/equilibrate.py " + repo_relative(shlex.join(sys.argv[1:]))
     seeds = ", ".join(str(s) for s in args.seeds)
     lines = [
         "# Equilibrate RLHF on the safety world: more safety data, FDC and AMA, against the ground truth",
@@ -252,8 +252,9 @@ def report(args: argparse.Namespace, per_seed: list[dict[str, dict[str, float]]]
         f"- Machine: {machine(load)}",
         f"- Command: `{command}`",
         f"- Checkout: {git_revision()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; total {minutes:.1f} min",
-        f"- Models: the tiny SFT policy, reward and cost models of `{args.models}` (`cli_configs/tiny/*.yaml`, seed "
-        "1337), the same for every seed; the seed sets the training seed and the data draws.",
+        f"- Models: the tiny SFT policy, reward and cost models of `{repo_relative(args.models)}` "
+        "(`cli_configs/tiny/*.yaml`, seed 1337), the same for every seed; the seed sets the training seed and the "
+        "data draws.",
         f"- Data: {args.helpful} helpfulness pairs (benign rows of `safety-world:pairs`) in every DPO run, plus a "
         f"unit of {args.unit} safety pairs ×1, ×3, ×9 drawn at random from `safety-world:pairs-risk` (80% EHD, 10% "
         f"IHD, 10% MHD), or one unit selected 10:3:1 by `lit-saferlhf select` (FDC). One epoch, "

@@ -2,7 +2,7 @@
 
 From ONE finished tiny pipeline's SFT, reward and cost models (``--models``, default
 ``outputs/tiny/pipeline``), runs ``cli_configs/tiny/ppo_lag.yaml`` as shipped (full fine-tuning) and
-with ``cli_configs/peft/lora_ppo.yaml`` added (LoRA, shared bases), same seed and rollouts; then the SFT
+with ``cli_configs/peft/lora.yaml`` added (LoRA, shared bases), same seed and rollouts; then the SFT
 policy and both results answer the held-out ``safety-world:prompts-eval`` prompts with the same
 sampling seed, and the ground truth scores each answer. Prints markdown: the machine, the command,
 one row per policy, and whether LoRA moves the same way as full fine-tuning (harmful compliance down,
@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from ppo_solvers import repo_relative  # noqa: E402  (results name paths relative to the repository)
+
 COLUMNS = ("gt_harmful_compliance_rate", "gt_benign_helpfulness", "gt_benign_refusal_rate", "mean_reward", "mean_cost")
 
 
@@ -46,7 +49,7 @@ def fit(models: Path, out: Path, lora: list[str] | None, seed: int, rollouts: in
     started = time.perf_counter()
     cli_main([
         "fit", f"--config={REPO / 'cli_configs/tiny/ppo_lag.yaml'}",
-        *([f"--config={REPO / 'cli_configs/peft/lora_ppo.yaml'}", *lora] if lora is not None else []),
+        *([f"--config={REPO / 'cli_configs/peft/lora.yaml'}", *lora] if lora is not None else []),
         f"--model.init_args.policy={models / 'sft/model'}", f"--model.init_args.reward_model={models / 'reward/model'}",
         f"--model.init_args.cost_model={models / 'cost/model'}", f"--seed_everything={seed}",
         f"--trainer.limit_train_batches={rollouts}", f"--trainer.default_root_dir={out}",
@@ -89,9 +92,9 @@ def main() -> None:
         "# Tiny PPO-Lagrangian: LoRA vs full fine-tuning on the safety world's ground truth",
         "",
         f"- Machine: {platform.platform()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Command: `OMP_NUM_THREADS=1 python benchmarks/lora_pipeline.py {' '.join(sys.argv[1:])}`",
-        f"- Models: `{args.models}`; `cli_configs/tiny/ppo_lag.yaml` as shipped ({args.rollouts} rollouts, seed "
-        f"{args.seed}), LoRA adds `cli_configs/peft/lora_ppo.yaml` (r 16, alpha 32, all-linear) and "
+        f"- Command: `OMP_NUM_THREADS=1 python benchmarks/lora_pipeline.py {repo_relative(' '.join(sys.argv[1:]))}`",
+        f"- Models: `{repo_relative(args.models)}`; `cli_configs/tiny/ppo_lag.yaml` as shipped ({args.rollouts} "
+        f"rollouts, seed {args.seed}), LoRA adds `cli_configs/peft/lora.yaml` (r 16, alpha 32, all-linear) and "
         f"{' '.join(args.lora_flags) or 'nothing else (same lrs)'}.",
         f"- Evaluation: {args.limit} held-out prompts (`safety-world:prompts-eval`), sampling seed 0, 14 new tokens.",
         "",

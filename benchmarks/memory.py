@@ -1,7 +1,7 @@
 """Peak memory of one PPO-Lagrangian step, full fine-tuning vs LoRA: measured at small shapes, estimated at 7B.
 
 **Measured.** Random-weight networks of one shape (a Llama policy, reward and cost score models) are
-written to a scratch dir; then, for full fine-tuning and for LoRA (``cli_configs/peft/lora_ppo.yaml``),
+written to a scratch dir; then, for full fine-tuning and for LoRA (``cli_configs/peft/lora.yaml``),
 a child process runs ``lit-saferlhf fit --config cli_configs/tiny/ppo_lag.yaml`` for ONE rollout
 (``--batch`` prompts, ``--new_tokens`` sampled tokens) and its PPO updates. On CPU the figure is the
 child's peak resident set size (``resource.getrusage().ru_maxrss``, which counts torch's C++
@@ -48,7 +48,7 @@ SHAPES = {  # Llama-style shapes (the safety world's tokenizer: a small vocabula
 }
 LLAMA2_7B = {"vocab_size": 32000, **SHAPES["7b"], "max_position_embeddings": 4096}
 LORA = {"r": 16, "alpha": 32.0, "target_modules": "all-linear"}
-"""The adapters of ``cli_configs/peft/lora_ppo.yaml``."""
+"""The adapters of ``cli_configs/peft/lora.yaml``."""
 GB = 1e9
 
 
@@ -62,7 +62,8 @@ def write_models(shape: str, root: Path, dtype: str) -> dict[str, Path]:
     export them)."""
     import torch
 
-    from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+    from lit_saferlhf.data.tokenizers import load_tokenizer
+    from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
     from lit_saferlhf.models.score_model import ScoreModel
 
     torch.manual_seed(0)
@@ -87,7 +88,7 @@ def child(args: argparse.Namespace) -> None:
     cuda = args.device == "cuda"
     fit_args = [
         "fit", f"--config={REPO / 'cli_configs/tiny/ppo_lag.yaml'}",
-        *([f"--config={REPO / 'cli_configs/peft/lora_ppo.yaml'}"] if args.lora else []),
+        *([f"--config={REPO / 'cli_configs/peft/lora.yaml'}"] if args.lora else []),
         f"--model.init_args.policy={dirs['policy']}", f"--model.init_args.reward_model={dirs['reward']}",
         f"--model.init_args.cost_model={dirs['cost']}", f"--data.init_args.batch_size={args.batch}",
         f"--model.init_args.ppo.minibatch_size={args.batch}",
@@ -204,7 +205,7 @@ def report(args: argparse.Namespace, measured: dict[str, tuple[float | None, flo
         f"- Command: `OMP_NUM_THREADS=1 python benchmarks/memory.py {' '.join(sys.argv[1:])}`",
         f"- Measured ({args.device}): one rollout of {args.batch} prompts x {args.new_tokens} new tokens and its "
         f"updates through `lit-saferlhf fit`, random weights; {how}.",
-        f"- LoRA: r={LORA['r']}, alpha={LORA['alpha']}, {LORA['target_modules']} (cli_configs/peft/lora_ppo.yaml).",
+        f"- LoRA: r={LORA['r']}, alpha={LORA['alpha']}, {LORA['target_modules']} (cli_configs/peft/lora.yaml).",
         "",
         "| shape | full fine-tuning GB | LoRA GB | LoRA / full |",
         "|---|---:|---:|---:|",

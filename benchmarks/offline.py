@@ -42,7 +42,20 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_solvers import GT_COLUMNS, MAIN_SEED, REPO, TINY, Run, cells, fit, fmt, git_revision, machine, ppo  # noqa: E402
+from ppo_solvers import (  # noqa: E402  (the solver benchmark's helpers)
+    GT_COLUMNS,
+    MAIN_SEED,
+    REPO,
+    TINY,
+    Run,
+    cells,
+    fit,
+    fmt,
+    git_revision,
+    machine,
+    ppo,
+    repo_relative,
+)
 
 OFFLINE = TINY / "offline"
 COST_LIMIT = -5.0  # d of cli_configs/tiny/ppo_lag.yaml
@@ -432,7 +445,7 @@ def run_facts(args: argparse.Namespace, load: str, seconds: float) -> dict[str, 
     """What the report's header states about the run (kept in ``state.json`` for ``--from-state``)."""
     return {
         "machine": machine(load),
-        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python {shlex.join(sys.argv)}",
+        "command": repo_relative(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python {shlex.join(sys.argv)}"),
         "checkout": git_revision(),
         "finished": time.strftime("%Y-%m-%d %H:%M %Z"),
         "minutes": seconds / 60,

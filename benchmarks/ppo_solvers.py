@@ -1,7 +1,7 @@
 """Constraint solvers against the ground truth: plain PPO, PPO-Lagrangian (dual ascent, PID) and a large fixed penalty.
 
 Trains the tiny SFT policy, reward model and cost model once (``cli_configs/tiny/{sft,reward,cost}.yaml``
-through ``lit_saferlhf.cli.cli_main``, as ``lit-saferlhf pipeline`` does), then from that same SFT
+through ``lit_saferlhf.commands.fit.cli_main``, as ``lit-saferlhf pipeline`` does), then from that same SFT
 policy runs ``cli_configs/tiny/ppo_lag.yaml`` with four solvers:
 
 - plain PPO (``cli_configs/solvers/ppo.yaml``: FixedPenalty, λ = 0),
@@ -253,6 +253,12 @@ def machine(load: str) -> str:
     )
 
 
+def repo_relative(text: object) -> str:
+    """``text`` (a path or a command line) with this checkout's absolute path dropped: results name paths
+    relative to the repository, wherever it was cloned."""
+    return str(text).replace(f"{REPO}{os.sep}", "").replace(str(REPO), ".")
+
+
 def git_revision() -> str:
     """The checkout's commit, marked dirty when the tree has changes."""
     try:
@@ -330,11 +336,12 @@ def report(
     swing = comply["harmful"] - safe["harmful"]
     safe_train = 0.5 * (safe["benign"] + safe["harmful"])  # the training prompts are half harmful
     tolerated = max(0.0, min(1.0, (d - safe_train) / (0.5 * swing)))
+    command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python {shlex.join(sys.argv)}"
     lines = [
         "# PPO with four constraint solvers on the safety world, against the ground truth",
         "",
         f"- Machine: {machine(args.load_at_start)}",
-        f"- Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python {shlex.join(sys.argv)}`",
+        f"- Command: `{repo_relative(command)}`",
         f"- Checkout: {git_revision()}; {time.strftime('%Y-%m-%d %H:%M %Z')}",
         "- Models: `cli_configs/tiny/{sft,reward,cost}.yaml` as shipped (seed 1337), trained "
         + (

@@ -93,7 +93,8 @@ def make_models(root: Path, shape: dict) -> dict[str, Path]:
 def fit(setting: str, paths: dict[str, Path], out: Path, options: argparse.Namespace, shape: dict) -> list[dict]:
     """One ``lit-saferlhf fit`` of ``1 + steps`` PPO steps; the logged times of the steps after the first."""
     ppo_lag.response_logprobs = full_logits_logprobs if setting == "old" else NEW_LOGPROBS
-    generator = "lit_saferlhf.generators.HFGenerate" if setting == "old" else "lit_saferlhf_plugins.generators.StaticCacheGenerate"
+    new_generator = "lit_saferlhf_plugins.generators.StaticCacheGenerate"
+    generator = "lit_saferlhf.generators.HFGenerate" if setting == "old" else new_generator
     shutil.rmtree(out, ignore_errors=True)
     batch = options.batch or shape["batch"]
     args = [

@@ -19,7 +19,6 @@ Shapes: ``N`` sequences in the rollout, ordered prompt-major (the ``G`` samples 
 consecutive rows, as Hugging Face ``generate`` returns them), ``A`` response tokens.
 """
 
-
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

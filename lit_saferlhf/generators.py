@@ -10,7 +10,6 @@ Shapes: ``B`` prompts, ``P`` prompt columns (left-padded), ``G`` samples per pro
 columns (right-padded with ``pad_id`` after the first EOS).
 """
 
-
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -22,15 +22,15 @@ reference sums, so a precomputed reference stays consistent as long as the weigh
 on the trained policy.
 """
 
-
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lit_saferlhf.solvers import ConstraintSolver
 
@@ -76,8 +76,6 @@ class PairBatch:
         return {f.name for f in fields(self) if f.name in LABEL_FIELDS and getattr(self, f.name) is not None}
 
 
-
-
 class Objective(ABC):
     """An offline preference objective: a ``PairBatch`` in, ``(loss, stats)`` out.
 
@@ -87,14 +85,20 @@ class Objective(ABC):
     - ``buffer_weight``: weight of the loss on the buffer batch, when the data carries one (BFPO).
     - ``solver``: a constraint solver the stage steps during training from the mean cost-model score
       of the policy's own samples (C-DPO); its ``multiplier`` is λ.
+    - ``update_every``: with a ``solver``, the optimiser steps between two dual steps; None steps λ
+      once at the end of every epoch.
     - ``dual_samples``: responses per prompt the stage samples from the reference before training,
       scores, and hands to ``fit_dual`` (CAN); 0 for none.
     - ``sample_prompts``: how many prompts the stage samples for a dual step or for ``fit_dual``.
+
+    The stage reads nothing else of an objective: frozen networks it scores with come through
+    ``frozen_networks``, token weights through ``token_weights``.
     """
 
     requires: ClassVar[tuple[Label, ...]] = ()
     buffer_weight: float = 1.0
     solver: ConstraintSolver | None = None
+    update_every: int | None = None
     dual_samples: int = 0
     sample_prompts: int = 64
 
@@ -106,6 +110,22 @@ class Objective(ABC):
     def multiplier(self) -> float | None:
         """λ, for objectives that have one (logged every step and saved in the export)."""
         return None if self.solver is None else self.solver.multiplier
+
+    def frozen_networks(self, load: Callable[[str], nn.Module]) -> dict[str, nn.Module]:
+        """Build the frozen networks the objective scores with (default: none); called once, in ``configure_model``.
+
+        The stage owns what this returns: it registers the networks as its submodules, so the strategy
+        places them on the device, keeps them in eval mode and treats them as its other frozen networks
+        (with LoRA, checkpoints leave them out: they are rebuilt from their dirs). The objective keeps its
+        own references to use them in its hooks (``token_weights``).
+
+        Args:
+            load: The stage's loader of a frozen score model from a dir (its dtype and sharding).
+
+        Returns:
+            The networks by name (a valid ``nn.ModuleDict`` key each).
+        """
+        return {}
 
     def token_weights(self, mask: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Weight of each response token in the summed log-probs, ``(2B, L)`` (default: the mask).

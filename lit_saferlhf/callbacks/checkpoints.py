@@ -148,8 +148,9 @@ def saved_step(path: Path) -> int | None:
 
 def orphaned_checkpoints(callback: ModelCheckpoint, step: int, resumed_from: Path) -> list[Path]:
     """Checkpoints in ``callback``'s folder of steps after ``step`` that ``callback`` (as restored) does not know."""
-    known = {callback.last_model_path, callback.best_model_path, callback.kth_best_model_path, *callback.best_k_models}
-    known = {Path(path) for path in known if path} | {resumed_from}
+    names = {callback.last_model_path, callback.best_model_path, callback.kth_best_model_path, *callback.best_k_models}
+    known = {Path(name) for name in names if name} | {resumed_from}
+    assert callback.dirpath is not None  # the caller checks it: a ModelCheckpoint that writes files
     candidates = [path for path in Path(callback.dirpath).glob("*.ckpt") if path not in known]
     return [path for path in candidates if (saved := saved_step(path)) is not None and saved > step]
 

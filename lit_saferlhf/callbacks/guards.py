@@ -126,7 +126,8 @@ def check_strategy(strategy: Strategy, module: L.LightningModule) -> None:
         )
     generator = getattr(module, "generator", None)  # the PPO and offline stages' backend
     if isinstance(generator, Generator):
-        problem = generator.strategy_problem(name, shards_parameters(strategy), strategy.world_size)
+        world_size = getattr(strategy, "world_size", 1)  # as Trainer.world_size reads it: Strategy declares none
+        problem = generator.strategy_problem(name, shards_parameters(strategy), world_size)
         if problem is not None:
             raise UnsupportedCombinationError(f"{stage}: {problem}")
 

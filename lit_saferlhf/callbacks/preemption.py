@@ -45,6 +45,12 @@ def slurm_requeue(trainer: L.Trainer) -> SLURMEnvironment | None:
     return None
 
 
+def requeue_signal(environment: SLURMEnvironment) -> signal.Signals:
+    """The signal SLURM sends before it requeues the job (Lightning leaves it None only on Windows: no SLURM)."""
+    assert environment.requeue_signal is not None
+    return environment.requeue_signal
+
+
 def hpc_checkpoint_path(trainer: L.Trainer) -> Path:
     """``<default_root_dir>/hpc_ckpt_<n+1>.ckpt``, the name Lightning resumes from in a SLURM job; same on all ranks."""
     folder = Path(trainer.default_root_dir)
@@ -100,7 +106,7 @@ class SaveOnPreemption(Callback):
         """Note who handled the requeue signal before Lightning registers its handlers."""
         environment = slurm_requeue(trainer)
         self.requested, self.exit_status = False, None
-        self.previous_handler = signal.getsignal(environment.requeue_signal) if environment else None
+        self.previous_handler = signal.getsignal(requeue_signal(environment)) if environment else None
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Take over the requeue signal (Lightning registered its own handler just before)."""
@@ -115,7 +121,7 @@ class SaveOnPreemption(Callback):
         environment = slurm_requeue(trainer)
         user_handler = self.previous_handler not in (None, signal.SIG_DFL)  # then Lightning left it alone; so do we
         if environment and not user_handler and threading.current_thread() is threading.main_thread():
-            signal.signal(environment.requeue_signal, self.on_requeue_signal)
+            signal.signal(requeue_signal(environment), self.on_requeue_signal)
 
     def on_requeue_signal(self, signum: int, frame: FrameType | None) -> None:
         """Only set a flag: the save happens at the step boundary, in ordinary code."""
@@ -130,7 +136,7 @@ class SaveOnPreemption(Callback):
         if trainer.world_size > 1:  # one all-reduce per step, only in SLURM jobs with auto-requeue
             requested = bool(sum_over_ranks(torch.tensor(int(requested), device=trainer.strategy.root_device)))
         if requested:
-            self.save_and_requeue(trainer, environment.requeue_signal)
+            self.save_and_requeue(trainer, requeue_signal(environment))
 
     def save_and_requeue(self, trainer: L.Trainer, signum: int) -> None:
         """Save ``hpc_ckpt_<n>.ckpt``, requeue the job, and set the exit status."""
@@ -161,6 +167,7 @@ class SaveOnPreemption(Callback):
         """After SIGTERM: save the run at the step it stopped at, and exit with status 143."""
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
+        path: Path | None
         if slurm_requeue(trainer):
             path = save_hpc_checkpoint(trainer)
         elif (path := claim_last_checkpoint(trainer)) is not None:

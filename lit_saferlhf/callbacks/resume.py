@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loops.progress import _ProcessedTracker
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,9 @@ RANK_STATES_KEY = "rank_states"
 def random_state() -> dict[str, Any]:
     """This process's random-number states, as types ``torch.load(weights_only=True)`` reads."""
     version, internal, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()
+    assert isinstance(numpy_state, tuple)  # legacy=True (the default): the MT19937 tuple
+    kind, keys, position, has_gauss, cached = numpy_state
     state = {
         "python": [version, list(internal), gauss],
         "numpy": [kind, keys.tolist(), position, has_gauss, cached],
@@ -84,8 +87,9 @@ class RankStates(Callback):
         states the next step will draw from are the loaded ones, not the process's own.
         """
         own = {"random": self.pending if self.pending is not None else random_state()}
-        if hasattr(pl_module, "rank_state_dict"):
-            own["stage"] = pl_module.rank_state_dict()
+        rank_state_dict = getattr(pl_module, "rank_state_dict", None)  # a stage with per-rank state has it
+        if rank_state_dict is not None:
+            own["stage"] = rank_state_dict()
         checkpoint[RANK_STATES_KEY] = gather_objects(own)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -101,8 +105,9 @@ class RankStates(Callback):
             )  # fmt: skip
             return
         own = states[trainer.global_rank]
-        if "stage" in own and hasattr(pl_module, "load_rank_state_dict"):
-            pl_module.load_rank_state_dict(own["stage"])
+        load_rank_state_dict = getattr(pl_module, "load_rank_state_dict", None)
+        if "stage" in own and load_rank_state_dict is not None:
+            load_rank_state_dict(own["stage"])
         self.pending = own["random"]
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -161,7 +166,7 @@ class RepairProgress(Callback):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint):
                 callback._last_global_step_saved = trainer.global_step  # what its own skip checks read
-                callback._last_checkpoint_saved = True
+                callback._last_checkpoint_saved = str(trainer.ckpt_path)  # the checkpoint holding this state
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Runs before the loops read ``checkpoint["loops"]``."""
@@ -172,6 +177,8 @@ class RepairProgress(Callback):
         """Count the running epoch as started if Lightning did not (a running epoch is one ahead of the processed)."""
         self.stepped = True
         epochs = trainer.fit_loop.epoch_progress
-        if epochs.current.started == epochs.current.processed:
+        current = epochs.current
+        assert isinstance(current, _ProcessedTracker)  # Lightning types _Progress.current as the base tracker
+        if current.started == current.processed:
             epochs.increment_ready()
             epochs.increment_started()

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from rich.console import Console
 from torch import Tensor
 
@@ -132,8 +132,9 @@ def load_deepspeed_checkpoint(path: Path) -> dict[str, Any]:
 class StageCLI(LightningCLI):
     """Parses configs exactly as ``lit-saferlhf fit`` does, but builds no Trainer (so no strategy starts up)."""
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: list[str]) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (``sys.argv`` holds the export command's own arguments, which are not LightningCLI's)."""
+        assert isinstance(args, list)  # build_stage passes the fit arguments as a list
         self.config = parser.parse_args(args)
 
     def instantiate_classes(self) -> None:

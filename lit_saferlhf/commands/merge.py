@@ -49,10 +49,12 @@ def linear_merge(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) 
             if tensor.shape != first[name].shape:
                 shapes = f"{tuple(first[name].shape)} in model 1, {tuple(tensor.shape)} in model {number}"
                 raise DataError(f"merge: tensor {name!r} has shape {shapes}")
-    return {
-        name: sum(w * state[name].float() for w, state in zip(weights, states, strict=True)).to(first[name].dtype)
-        for name in first
-    }
+    merged: dict[str, Tensor] = {}
+    for name in first:
+        total = sum(w * state[name].float() for w, state in zip(weights, states, strict=True))
+        assert isinstance(total, Tensor)  # at least 2 states: never sum()'s empty-sequence 0
+        merged[name] = total.to(first[name].dtype)
+    return merged
 
 
 def merge_command(argv: Sequence[str]) -> Path:

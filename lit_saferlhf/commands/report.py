@@ -349,8 +349,8 @@ def evaluation_plots(rows: Sequence[dict[str, Any]], plots: Path) -> dict[str, s
                                       "mean true cost", "mean true helpfulness"),
     }  # fmt: skip
     drawn = {}
-    for name, (x_key, y_key, *labels) in figures.items():
-        if plot_tradeoff(rows, x_key, y_key, tuple(labels), plots / f"{name}.png"):
+    for name, (x_key, y_key, title, x_label, y_label) in figures.items():
+        if plot_tradeoff(rows, x_key, y_key, (title, x_label, y_label), plots / f"{name}.png"):
             drawn[name] = f"plots/{name}.png"
     return drawn
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lit_saferlhf.data.readers import read_rows
+from lit_saferlhf.data.readers import RowOrError, read_rows
 from lit_saferlhf.errors import CommandParser, ConfigError, DataError, ModelDirError, output_dir
 
 HARMFUL = ("EHD", "IHD", "MHD")
@@ -135,12 +135,13 @@ class SelectionReport:
 
 
 def select_records(
-    rows: Iterable[tuple[str, dict[str, Any]]], label_of: Labeller, quotas: dict[str, int], seed: int = 0
+    rows: Iterable[RowOrError], label_of: Labeller, quotas: dict[str, int], seed: int = 0
 ) -> tuple[list[dict[str, Any]], SelectionReport]:
     """Draw ``quotas[c]`` records of each category ``c`` (seeded), and count everything read.
 
     Args:
-        rows: ``(location, record)`` pairs, as :func:`lit_saferlhf.data.readers.read_rows` yields.
+        rows: ``(location, record)`` pairs, as :func:`lit_saferlhf.data.readers.read_rows` yields (an
+            unreadable record is its BadRecordError).
         label_of: A record's raw label (any known name, see :func:`canonical_category`) or None.
         quotas: Records wanted per category.
         seed: Seed of the draw and of the output order.

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedTokenizerBase
 
-from lit_saferlhf.data.adapters import Adapter, PKUSafeRLHF, PromptList, PromptResponse, load_records
+from lit_saferlhf.data.adapters import Adapter, PKUSafeRLHF, PromptList, PromptResponse, RecordKind, load_records
 from lit_saferlhf.data.collate import Encoded, Encoder, collate_pairs, collate_prompts, collate_sft
 from lit_saferlhf.data.records import (
     BadRecordError,
@@ -53,7 +54,7 @@ class RecordData(L.LightningDataModule, ABC):
         split: Split name for hub datasets.
     """
 
-    kind: ClassVar[str]
+    kind: ClassVar[RecordKind]
 
     def __init__(
         self,
@@ -88,10 +89,13 @@ class RecordData(L.LightningDataModule, ABC):
         """Read, split and encode once per process."""
         if self.train_set or self.val_set:
             return
-        default = getattr(self.trainer.lightning_module, "default_template", None)  # PPO: the policy's template
+        assert self.trainer is not None  # Lightning calls setup from a Trainer
+        module = self.trainer.lightning_module
+        default = getattr(module, "default_template", None)  # PPO: the policy's template
         if not self.template_given and default is not None:
             self.template = default
-        self.encoder = Encoder(self.trainer.lightning_module.tokenizer, self.template, self.max_length)
+        # Every stage module owns a tokenizer; nn.Module's __getattr__ types attributes as Tensor | Module.
+        self.encoder = Encoder(cast(PreTrainedTokenizerBase, module.tokenizer), self.template, self.max_length)
         train = self.read(self.path)
         val = self.read(self.val_path) if self.val_path else []
         if not self.val_path and self.val_fraction > 0:
@@ -102,7 +106,7 @@ class RecordData(L.LightningDataModule, ABC):
         if not self.train_set:
             raise DataError(f"{self.path}: no training samples left: every record was dropped as bad (see above)")
 
-    def read(self, path: str, adapter: Adapter | None = None, kind: str | None = None) -> list[Any]:
+    def read(self, path: str, adapter: Adapter | None = None, kind: RecordKind | None = None) -> list[Any]:
         """Records of ``kind`` (default ``self.kind``) from ``path``, reporting what was skipped or excluded."""
         adapter, kind = adapter or self.adapter, kind or self.kind
         loaded = load_records(path, adapter, kind, on_bad_record=self.on_bad_record, split=self.split, limit=self.limit)
@@ -207,35 +211,39 @@ class SFTData(RecordData):
         return collate_sft(batch, self.pad_id)
 
 
-class RewardData(RecordData):
-    """Helpfulness pairs (better/worse) for the reward model (stage 2); see ``RecordData``."""
-
-    kind = "preference"
+class PairData(RecordData):
+    """Common base of ``RewardData`` and ``CostData``: a sample starts with two responses to one prompt."""
 
     def __init__(self, path: str, adapter: Adapter | None = None, **kwargs: Any) -> None:
         super().__init__(path, adapter or PKUSafeRLHF(), **kwargs)
 
-    def encode(self, record: PreferenceRecord) -> tuple[Encoded, Encoded]:
-        """Both answers after the same prompt."""
-        return self.encoder.encode(record.prompt, record.better), self.encoder.encode(record.prompt, record.worse)
-
-    def count_truncated(self, item: tuple[Encoded, Encoded]) -> int:
-        """A pair counts once if either side was cut."""
+    def count_truncated(self, item: tuple[Any, ...]) -> int:
+        """A pair counts once if either side (``item[0]``, ``item[1]``) was cut."""
         return int(item[0].truncated or item[1].truncated)
 
-    def truncation_problem(self, record: Any, item: tuple[Encoded, ...]) -> BadRecordError | None:
+    def truncation_problem(self, record: Any, item: tuple[Any, ...]) -> BadRecordError | None:
         """Two sides cut to the same tokens teach nothing (and their loss is log 2 whatever the model)."""
         if item[0].input_ids != item[1].input_ids:
             return None
         expected = f"two responses that still differ within max_length={self.max_length} tokens"
         return BadRecordError(record.source, "(pair)", expected, Described("the same tokens after truncation"))
 
+
+class RewardData(PairData):
+    """Helpfulness pairs (better/worse) for the reward model (stage 2); see ``RecordData``."""
+
+    kind = "preference"
+
+    def encode(self, record: PreferenceRecord) -> tuple[Encoded, Encoded]:
+        """Both answers after the same prompt."""
+        return self.encoder.encode(record.prompt, record.better), self.encoder.encode(record.prompt, record.worse)
+
     def collate(self, batch: Sequence[tuple[Encoded, Encoded]]) -> dict[str, torch.Tensor]:
         """``better_*`` and ``worse_*`` ids and masks, padded to one width."""
         return collate_pairs(batch, self.pad_id, ("better", "worse"))
 
 
-class CostData(RewardData):
+class CostData(PairData):
     """Harmlessness pairs (safer/unsafer + is_safe labels) for the cost model (stage 3)."""
 
     kind = "safety_preference"
@@ -318,7 +326,8 @@ class PromptData(RecordData):
         prompts = [item[0] if isinstance(item, tuple) else item for item in batch]
         out = collate_prompts([item.input_ids for item in prompts], self.pad_id)
         if isinstance(batch[0], tuple):
-            ptx = collate_sft([item[1] for item in batch], self.pad_id)
+            paired = cast(Sequence[tuple[Encoded, Encoded]], batch)  # setup pairs every prompt or none
+            ptx = collate_sft([item[1] for item in paired], self.pad_id)
             out |= {f"ptx_{key}": value for key, value in ptx.items()}
         return out
 
@@ -333,7 +342,8 @@ def no_response_left(source: str, item: Encoded, max_length: int) -> BadRecordEr
 
 def split_by_prompt(records: Sequence[Any], fraction: float) -> tuple[list[Any], list[Any]]:
     """Hold out ``fraction`` of the distinct prompts (by a stable hash), with all their records."""
-    train, val = [], []
+    train: list[Any] = []
+    val: list[Any] = []
     for record in records:
         key = "\x1f".join(message.content for message in record.prompt).encode()
         bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64

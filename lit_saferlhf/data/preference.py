@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_saferlhf.data.adapters import Adapter, LoadedRecords, PKUSafeRLHF, PromptList, load_records
+from lit_saferlhf.data.adapters import Adapter, LoadedRecords, PKUSafeRLHF, PromptList, RecordKind, load_records
 from lit_saferlhf.data.collate import Encoded, attention_mask, collate_prompts, pad
 from lit_saferlhf.data.datamodules import RecordData
 from lit_saferlhf.data.records import Conversation, PreferenceRecord, SafetyPreferenceRecord
@@ -71,8 +71,9 @@ def join_rows(preference: Sequence[PreferenceRecord], safety: Sequence[SafetyPre
     for record in preference:
         responses = (record.better, record.worse)
         rows.append(_with_safety(record.prompt, responses, 0, by_source.pop(record.source, None), record.source))
-    for source, record in by_source.items():  # safety-only rows (no helpfulness label)
-        rows.append(_with_safety(record.prompt, (record.safer, record.unsafer), None, record, source))
+    for source, safety_record in by_source.items():  # safety-only rows (no helpfulness label)
+        responses = (safety_record.safer, safety_record.unsafer)
+        rows.append(_with_safety(safety_record.prompt, responses, None, safety_record, source))
     return rows
 
 
@@ -139,7 +140,7 @@ class PreferenceData(RecordData):
             ]
             self.buffer_set = self.encode_all(rows, "buffer")
 
-    def read(self, path: str, adapter: Adapter | None = None, kind: str | None = None) -> list[Any]:
+    def read(self, path: str, adapter: Adapter | None = None, kind: RecordKind | None = None) -> list[Any]:
         """Records of ``kind``; without a kind, ``PairRow``s of ``path`` that carry the objective's labels."""
         if kind is not None:
             return super().read(path, adapter, kind)
@@ -151,7 +152,7 @@ class PreferenceData(RecordData):
         records = {kind: self.load(path, kind) for kind in ("preference", "safety_preference")}
         return join_rows(records["preference"], records["safety_preference"])
 
-    def load(self, path: str, kind: str) -> list[Any]:
+    def load(self, path: str, kind: RecordKind) -> list[Any]:
         """Records of one kind, or none (with the reason kept for a later error) when the data has none."""
         if kind not in self.adapter.kinds():
             self.loaded[kind] = f"{type(self.adapter).__name__} has no {kind} records"
@@ -222,10 +223,11 @@ class PreferenceData(RecordData):
     def collate(self, batch: Sequence[EncodedPair | tuple[EncodedPair, EncodedPair]]) -> dict[str, torch.Tensor]:
         """Pairs as ``2B`` right-padded sequences (response 0 and 1 of each pair), labels, and ``buffer_*``."""
         if isinstance(batch[0], tuple):
-            out = collate_pair_rows([item[0] for item in batch], self.pad_id)
-            buffer = collate_pair_rows([item[1] for item in batch], self.pad_id)
+            paired = cast(Sequence[tuple[EncodedPair, EncodedPair]], batch)  # the loader pairs every item or none
+            out = collate_pair_rows([item[0] for item in paired], self.pad_id)
+            buffer = collate_pair_rows([item[1] for item in paired], self.pad_id)
             return out | {f"buffer_{key}": value for key, value in buffer.items()}
-        return collate_pair_rows(batch, self.pad_id)
+        return collate_pair_rows(cast(Sequence[EncodedPair], batch), self.pad_id)
 
     def prompt_batches(self, count: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """Up to ``count`` distinct prompts to sample from, as left-padded batches (``collate_prompts``)."""

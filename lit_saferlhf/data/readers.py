@@ -132,13 +132,18 @@ def read_jsonl(path: str) -> Iterator[RowOrError]:
             yield location, _checked(location, row)
 
 
-class _KeyedObject(dict):
+class _KeyedObject(dict[str, Any]):
     """A decoded JSON object that remembers the keys it had more than once (``json`` keeps the last value)."""
 
     def __init__(self, pairs: list[tuple[str, Any]]) -> None:
         super().__init__(pairs)
         seen: set[str] = set()
-        self.duplicates = [key for key, _ in pairs if key in seen or seen.add(key)]
+        self.duplicates: list[str] = []
+        for key, _ in pairs:
+            if key in seen:
+                self.duplicates.append(key)
+            else:
+                seen.add(key)
 
 
 def _checked(location: str, row: object) -> Row | BadRecordError:
@@ -162,7 +167,8 @@ def _repeated_key(value: object) -> str | None:
 def read_json(path: str) -> Iterator[RowOrError]:
     """A JSON list of objects, or an object whose single value is that list (``{"data": [...]}``)."""
     data = _load_json_file(path)
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+    # Every object json.loads decodes here is a _KeyedObject (the object_pairs_hook).
+    if isinstance(data, _KeyedObject) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         if data.duplicates:
             raise BadRecordError(path, data.duplicates[0], "each key once in an object", Described("it twice"))
         data = next(iter(data.values()))

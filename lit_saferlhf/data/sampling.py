@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class ResumableSampler(DistributedSampler):
@@ -34,7 +34,8 @@ class ResumableSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Sequence[Any], num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        # torch types the dataset as Dataset; a sampler only reads len(), which any Sequence has.
+        super().__init__(cast(Dataset[Any], dataset), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.start = 0  # samples of this epoch's share already trained on; skipped by the next iteration only
 
     def __iter__(self) -> Iterator[int]:
@@ -60,6 +61,10 @@ class ResumableLoader(DataLoader):
         num_workers: Worker processes.
     """
 
+    # Narrower than DataLoader's declarations: __init__ takes exactly these and DataLoader stores them as given.
+    sampler: ResumableSampler
+    batch_size: int
+
     def __init__(
         self,
         dataset: Sequence[Any],
@@ -70,8 +75,9 @@ class ResumableLoader(DataLoader):
     ) -> None:
         # Its own generator: starting an epoch would otherwise draw the workers' base seed from the global
         # torch stream, which then differs between a resumed run and the uninterrupted one.
+        # torch types the dataset as Dataset; the map-style protocol it reads (len, getitem) is a Sequence's.
         super().__init__(
-            dataset,
+            cast(Dataset[Any], dataset),
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=collate_fn,
@@ -81,7 +87,7 @@ class ResumableLoader(DataLoader):
         self.drawn = 0  # batches of the current epoch handed out so far, counting those skipped on resume
         self.resume_epoch: int | None = None  # the epoch a loaded state belongs to, until that epoch starts
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # torch names its iterator class; any iterator works
         """Batches of the sampler's current epoch, skipping those a loaded state says were drawn.
 
         A generator, so the sampler is read at the first batch: after Lightning's ``set_epoch``.

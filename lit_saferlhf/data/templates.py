@@ -63,7 +63,9 @@ class ChatTemplate(Template):
                 "template", f"{type(tokenizer).__name__} has no chat template; use SafeRLHFTemplate instead"
             )
         messages = [{"role": message.role, "content": message.content} for message in prompt]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(text, str)  # tokenize=False renders one conversation to one string
+        return text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -201,6 +201,8 @@ def ordered(values: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
     """``(values[b, first[b]], values[b, 1 - first[b]])``: a ``(B, 2)`` tensor ordered by an index ``(B,)``."""
     first = first.long().unsqueeze(-1)
     return values.gather(-1, first).squeeze(-1), values.gather(-1, 1 - first).squeeze(-1)
+
+
 def response_mask(responses: Tensor, eos_id: int) -> Tensor:
     """True on response tokens up to and including the first EOS (all of them if none), ``(N, A)``."""
     is_eos = responses == eos_id

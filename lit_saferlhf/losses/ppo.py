@@ -138,6 +138,73 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, (advantages + values) * keep
 
 
+def lagrangian_advantage(
+    reward_advantages: Tensor, cost_advantages: Tensor, multiplier: Tensor | float, normalize: bool = True
+) -> Tensor:
+    """Safe RLHF's Lagrangian advantage ``A = (A_r - λ·A_c) / (1 + λ)`` (Dai et al., 2023, Eq. 31).
+
+    Dividing by ``1 + λ`` keeps the step size bounded as λ grows; with ``normalize`` false the
+    advantage is ``A_r - λ·A_c`` (reward shaping's, where ``A_c`` is 0 and ``A_r`` is already the
+    advantage of ``R - λ·C``). λ = 0 gives ``A_r``.
+
+    Args:
+        reward_advantages: Advantages of the reward stream, ``(B, A)``.
+        cost_advantages: Advantages of the cost stream, ``(B, A)`` (zeros when the run has none).
+        multiplier: The Lagrange multiplier λ >= 0, a scalar. Treated as a constant.
+        normalize: Divide by ``1 + λ``.
+
+    Returns:
+        The merged advantage, ``(B, A)``, detached, in ``reward_advantages``' dtype.
+    """
+    multiplier = torch.as_tensor(multiplier, dtype=reward_advantages.dtype, device=reward_advantages.device).detach()
+    advantages = (reward_advantages - multiplier * cost_advantages).detach()
+    if normalize:
+        advantages = advantages / (1 + multiplier)
+    return advantages
+
+
+def clipped_surrogate_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    aggregation: str = "sequence_mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (Schulman et al., 2017, Eq. 7) with ``ρ = exp(logprobs - old_logprobs)``::
+
+        loss = -masked_mean(min(ρ A, clip(ρ, 1 - ε, 1 + ε) A), mask)
+
+    where :func:`masked_mean` averages each sequence and then the batch (``aggregation =
+    "token_mean"`` averages over all tokens instead, see :func:`aggregate`).
+
+    Args:
+        logprobs: Log-probabilities of the response tokens under the current policy, ``(B, A)``.
+        old_logprobs: The same tokens under the policy that sampled them, ``(B, A)``.
+        advantages: Per-token advantages ``A``, ``(B, A)``; treated as constants.
+        mask: True on response tokens that count towards the loss, ``(B, A)``.
+        clip_eps: Half-width ε of the trust region on the probability ratio.
+        aggregation: ``sequence_mean`` (safe-rlhf) or ``token_mean`` (GRPO as in align-anything).
+
+    Returns:
+        The scalar loss to minimise, and detached ``policy/clip_fraction`` (share of tokens with
+        ``|ρ - 1| > ε``), ``policy/approx_kl`` (masked mean of ``(logprobs - old_logprobs)^2 / 2``) and
+        ``policy/ratio`` (masked mean of ρ).
+    """
+    advantages = advantages.detach()
+    log_ratio = upcast(logprobs) - upcast(old_logprobs).detach()
+    ratio = torch.exp(log_ratio)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    loss = -aggregate(surrogate, mask, aggregation)
+    with torch.no_grad():
+        stats = {
+            "policy/clip_fraction": masked_mean(((ratio - 1).abs() > clip_eps).to(ratio.dtype), mask),
+            "policy/approx_kl": masked_mean(0.5 * log_ratio.square(), mask),
+            "policy/ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
 def lagrangian_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -151,15 +218,13 @@ def lagrangian_policy_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PPO surrogate on the Lagrangian advantage used by Safe RLHF.
 
-    Reward and cost advantages are merged as ``A = (A_r - λ·A_c) / (1 + λ)`` (``A_r - λ·A_c`` when
-    ``normalize`` is false); dividing by ``1 + λ`` keeps the step size bounded as λ grows (Dai et al.,
-    2023, Eq. 31). The merged advantage then goes through PPO's clipped objective (Schulman et al.,
-    2017, Eq. 7) with ``ρ = exp(logprobs - old_logprobs)``::
+    :func:`clipped_surrogate_loss` on :func:`lagrangian_advantage`: reward and cost advantages are
+    merged as ``A = (A_r - λ·A_c) / (1 + λ)`` (``A_r - λ·A_c`` when ``normalize`` is false; Dai et
+    al., 2023, Eq. 31), then go through PPO's clipped objective (Schulman et al., 2017, Eq. 7)::
 
         loss = -masked_mean(min(ρ A, clip(ρ, 1 - ε, 1 + ε) A), mask)
 
-    where :func:`masked_mean` averages each sequence and then the batch (``aggregation =
-    "token_mean"`` averages over all tokens instead, see :func:`aggregate`). λ = 0 is plain PPO.
+    λ = 0 is plain PPO.
 
     Args:
         logprobs: Log-probabilities of the response tokens under the current policy, ``(B, A)``.
@@ -173,25 +238,10 @@ def lagrangian_policy_loss(
         aggregation: ``sequence_mean`` (safe-rlhf) or ``token_mean`` (GRPO as in align-anything).
 
     Returns:
-        The scalar loss to minimise, and detached ``policy/clip_fraction`` (share of tokens with
-        ``|ρ - 1| > ε``), ``policy/approx_kl`` (masked mean of ``(logprobs - old_logprobs)^2 / 2``) and
-        ``policy/ratio`` (masked mean of ρ).
+        The scalar loss to minimise, and :func:`clipped_surrogate_loss`'s detached stats.
     """
-    multiplier = torch.as_tensor(multiplier, dtype=reward_advantages.dtype, device=reward_advantages.device).detach()
-    advantages = (reward_advantages - multiplier * cost_advantages).detach()
-    if normalize:
-        advantages = advantages / (1 + multiplier)
-    log_ratio = upcast(logprobs) - upcast(old_logprobs).detach()
-    ratio = torch.exp(log_ratio)
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
-    loss = -aggregate(surrogate, mask, aggregation)
-    with torch.no_grad():
-        stats = {
-            "policy/clip_fraction": masked_mean(((ratio - 1).abs() > clip_eps).to(ratio.dtype), mask),
-            "policy/approx_kl": masked_mean(0.5 * log_ratio.square(), mask),
-            "policy/ratio": masked_mean(ratio, mask),
-        }
-    return loss, stats
+    advantages = lagrangian_advantage(reward_advantages, cost_advantages, multiplier, normalize)
+    return clipped_surrogate_loss(logprobs, old_logprobs, advantages, mask, clip_eps, aggregation)
 
 
 def value_loss(
@@ -292,6 +342,68 @@ def appo_token_mask(values: Tensor, advantages: Tensor, mask: Tensor, baseline: 
     return agrees & mask.bool()
 
 
+def appo_lagrangian_mask(
+    reward_values: Tensor,
+    cost_values: Tensor,
+    reward_advantages: Tensor,
+    cost_advantages: Tensor,
+    mask: Tensor,
+    multiplier: Tensor | float,
+    baseline: float = 0.0,
+) -> Tensor:
+    """:func:`appo_token_mask` on the Lagrangian value ``V = V_r − λ·V_c`` and advantage ``A = A_r − λ·A_c``.
+
+    The ``1/(1+λ)`` normalisation changes no sign, so the mask is taken before it.
+
+    Args:
+        reward_values: Reward-critic values at rollout time, ``(B, A)`` (zeros when the run has none).
+        cost_values: Cost-critic values at rollout time, ``(B, A)`` (zeros when the run has none).
+        reward_advantages: Advantages of the reward stream, ``(B, A)``.
+        cost_advantages: Advantages of the cost stream, ``(B, A)`` (zeros when the run has none).
+        mask: True on response tokens, ``(B, A)``.
+        multiplier: The Lagrange multiplier λ >= 0, a scalar.
+        baseline: ``b`` of the mask.
+
+    Returns:
+        A bool mask ``(B, A)``.
+    """
+    multiplier = torch.as_tensor(multiplier, dtype=reward_advantages.dtype, device=reward_advantages.device).detach()
+    values = (reward_values - multiplier * cost_values).detach()
+    advantages = lagrangian_advantage(reward_advantages, cost_advantages, multiplier, normalize=False)
+    return appo_token_mask(values, advantages, mask, baseline)
+
+
+def appo_surrogate_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, kept: Tensor, mask: Tensor, clip_eps: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """APPO's actor loss: :func:`clipped_surrogate_loss` on the ``kept`` tokens, averaged over all B sequences.
+
+    ``loss = −(1/B) Σ_i [ Σ_t M_it · min(r_it A_it, clip(r_it, 1−ε, 1+ε) A_it) / Σ_t M_it ]`` with
+    ``M = kept`` (``appo_trainer.py`` L363-379 with OpenRLHF's per-sequence masked mean; METHODS.md
+    §2 (b-2)). A sequence with no kept token contributes 0 and still counts in ``1/B``.
+
+    Args:
+        logprobs: Log-probabilities of the response tokens under the current policy, ``(B, A)``.
+        old_logprobs: The same tokens under the policy that sampled them, ``(B, A)``.
+        advantages: The actor's per-token advantages, ``(B, A)``.
+        kept: APPO's token mask (:func:`appo_lagrangian_mask`), ``(B, A)``.
+        mask: True on response tokens, ``(B, A)``.
+        clip_eps: Half-width ε of the trust region on the probability ratio.
+
+    Returns:
+        The scalar loss, :func:`clipped_surrogate_loss`'s stats on the kept tokens, and
+        ``policy/ama_kept_fraction`` (kept share of the response tokens) and
+        ``policy/ama_empty_fraction`` (share of sequences with no kept token).
+    """
+    loss, stats = clipped_surrogate_loss(logprobs, old_logprobs, advantages, kept, clip_eps)
+    nonempty = kept.any(-1)  # masked_mean averaged over the non-empty rows only: rescale to all B rows
+    loss = loss * nonempty.sum() / max(kept.shape[0], 1)
+    with torch.no_grad():
+        stats["policy/ama_kept_fraction"] = kept.sum() / mask.bool().sum().clamp_min(1)
+        stats["policy/ama_empty_fraction"] = 1 - nonempty.to(torch.float32).mean()
+    return loss, stats
+
+
 def appo_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -312,8 +424,7 @@ def appo_policy_loss(
 
         loss = −(1/B) Σ_i [ Σ_t M_it · min(r_it A_it, clip(r_it, 1−ε, 1+ε) A_it) / Σ_t M_it ]
 
-    (``appo_trainer.py`` L363-379 with OpenRLHF's per-sequence masked mean; METHODS.md §2 (b-2)). A
-    sequence with no kept token contributes 0 and still counts in ``1/B``.
+    (:func:`appo_lagrangian_mask`, then :func:`appo_surrogate_loss` on :func:`lagrangian_advantage`).
 
     Args:
         logprobs, old_logprobs, reward_advantages, cost_advantages, mask, multiplier, clip_eps,
@@ -323,20 +434,10 @@ def appo_policy_loss(
         baseline: ``b`` of the mask.
 
     Returns:
-        The scalar loss, :func:`lagrangian_policy_loss`'s stats on the kept tokens, and
-        ``policy/ama_kept_fraction`` (kept share of the response tokens) and
-        ``policy/ama_empty_fraction`` (share of sequences with no kept token).
+        The scalar loss and :func:`appo_surrogate_loss`'s stats.
     """
     multiplier = torch.as_tensor(multiplier, dtype=reward_advantages.dtype, device=reward_advantages.device).detach()
-    values = (reward_values - multiplier * cost_values).detach()
-    advantages = (reward_advantages - multiplier * cost_advantages).detach()
-    kept = appo_token_mask(values, advantages, mask, baseline)  # (B, A)
-    loss, stats = lagrangian_policy_loss(
-        logprobs, old_logprobs, reward_advantages, cost_advantages, kept, multiplier, clip_eps, normalize
-    )
-    nonempty = kept.any(-1)  # masked_mean averaged over the non-empty rows only: rescale to all B rows
-    loss = loss * nonempty.sum() / max(kept.shape[0], 1)
-    with torch.no_grad():
-        stats["policy/ama_kept_fraction"] = kept.sum() / mask.bool().sum().clamp_min(1)
-        stats["policy/ama_empty_fraction"] = 1 - nonempty.to(torch.float32).mean()
-    return loss, stats
+    advantages = (reward_advantages, cost_advantages)
+    kept = appo_lagrangian_mask(reward_values, cost_values, *advantages, mask, multiplier, baseline)  # (B, A)
+    merged = lagrangian_advantage(*advantages, multiplier, normalize)
+    return appo_surrogate_loss(logprobs, old_logprobs, merged, kept, mask, clip_eps)

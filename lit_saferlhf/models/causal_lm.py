@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,11 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from lit_saferlhf.errors import ConfigError, ModelDirError, ModelLayoutError, writing
+from lit_saferlhf.errors import ConfigError, writing
 from lit_saferlhf.models.layouts import check_model_path, require_policy
 from lit_saferlhf.models.peft import LoraArgs, apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, partitioning
@@ -37,7 +36,10 @@ SAFETY_WORLD_TOKENIZER = "safety-world"
 class ModelSource:
     """Where a network comes from: a hub name or local dir, or a config for random weights.
 
-    Exactly one of ``path`` and ``config`` is set.
+    Exactly one of ``path`` and ``config`` is set. ``dtype``, ``gradient_checkpointing`` and ``lora``
+    say how to build it; a stage's config sets them as the stage's own arguments (``model.init_args.dtype``,
+    ``model.init_args.gradient_checkpointing``, ``model.init_args.lora`` in every stage) and the stage
+    merges them in (``with_build_settings``), so they are left unset under a stage's ``model``.
     """
 
     path: str | None = None
@@ -47,13 +49,16 @@ class ModelSource:
     tokenizer: str | None = None
     """Tokenizer hub name or dir; defaults to ``path``. ``safety-world`` selects the embedded one."""
     dtype: str | None = None
-    """Weights dtype when loading (``bfloat16``, ``float16``, ``float32``); None keeps float32."""
+    """Weights dtype when loading (``bfloat16``, ``float16``, ``float32``); None keeps float32. In a stage's
+    config: the stage's ``dtype`` (``model.init_args.dtype``), not this field."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with a hub model. Off unless you trust the source."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute activations in the backward pass to save memory. In a stage's config: the stage's
+    ``gradient_checkpointing`` (``model.init_args.gradient_checkpointing``), not this field."""
     lora: LoraArgs | None = None
-    """Train low-rank adapters on the frozen weights (``peft``; see ``models/lora.py``); None: full fine-tuning."""
+    """Train low-rank adapters on the frozen weights (``peft``; see ``models/peft.py``); None: full fine-tuning.
+    In a stage's config: the stage's ``lora`` (``model.init_args.lora``), not this field."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.config is None):
@@ -67,31 +72,39 @@ class ModelSource:
                 check_model_path(getattr(self, key), key)
         torch_dtype(self.dtype)  # a dtype torch does not have fails at start-up
         if self.lora is not None and self.lora.quantize is not None and self.path is None:
-            raise ConfigError("model.lora.quantize", "QLoRA quantizes pretrained weights; set `path`, not `config`")
+            expected = "null when the model is built from `config` (QLoRA quantizes pretrained weights: set `path`)"
+            raise ConfigError("lora.quantize", expected, self.lora.quantize)
+
+    def with_build_settings(
+        self, dtype: str | None, gradient_checkpointing: bool, lora: LoraArgs | None
+    ) -> ModelSource:
+        """This source with a stage's build settings, which have one config path in every stage.
+
+        Args:
+            dtype: The stage's ``dtype``.
+            gradient_checkpointing: The stage's ``gradient_checkpointing``.
+            lora: The stage's ``lora``.
+
+        Raises:
+            ConfigError: This source sets one of them itself (``model.init_args.model.lora``): a second path,
+                refused so that every stage reads them from ``model.init_args.<setting>``.
+        """
+        for key in BUILD_SETTINGS:
+            if getattr(self, key) != BUILD_SETTINGS[key]:
+                raise ConfigError(
+                    f"model.init_args.model.{key}",
+                    f"is not a `model` setting here: set it as the stage's own `model.init_args.{key}`, "
+                    "the same path in every stage",
+                )
+        return replace(self, dtype=dtype, gradient_checkpointing=gradient_checkpointing, lora=lora)
+
+
+BUILD_SETTINGS: dict[str, Any] = {"dtype": None, "gradient_checkpointing": False, "lora": None}
+"""The ``ModelSource`` fields a stage sets from its own arguments, and their defaults (unset)."""
 
 
 # Stages built in Python (not by the CLI) keep these in their checkpoints' hyper-parameters.
 torch.serialization.add_safe_globals([ModelSource])
-
-
-def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``source``, with a padding token (one is added when it has none)."""
-    name = source.tokenizer or source.path
-    if name == SAFETY_WORLD_TOKENIZER:
-        from lit_saferlhf.data.safety_world import build_tokenizer
-
-        tokenizer = build_tokenizer()
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=source.trust_remote_code)
-        except OSError as error:  # not a local dir, and the hub has no such model (or cannot be reached)
-            key, reason = "tokenizer" if source.tokenizer else "path", " ".join(str(error).split())[:200]
-            raise ModelDirError(key, name, "model dir not found, nor a model on the hub", reason) from error
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    if tokenizer.eos_token is None:
-        raise ModelLayoutError(f"tokenizer {name!r} has no EOS token: responses need one to end")
-    return tokenizer
 
 
 def load_config(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> Any:

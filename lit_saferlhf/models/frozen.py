@@ -11,15 +11,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor, nn
 
 from lit_saferlhf.losses import end_scores
 from lit_saferlhf.models.peft import adapters_off
-from lit_saferlhf.models.score_model import ScoreOutput
+from lit_saferlhf.models.score_model import ScoreHead, ScoreModel, ScoreNormalizer, ScoreOutput, end_mask
 from lit_saferlhf.models.sharding import full_tensor
 from lit_saferlhf.models.zero3 import load_partitioned, partitioning
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 class ReferencePolicy:
@@ -40,7 +43,7 @@ class ReferencePolicy:
 
     def get_decoder(self) -> Any:
         """The actor's decoder, called with every adapter off."""
-        decoder = self.actor.get_decoder()
+        decoder = cast("PeftModel", self.actor).get_decoder()  # the actor of a shared base wraps adapters
         return lambda *args, **kwargs: self.without_adapters(decoder, *args, **kwargs)
 
     def without_adapters(self, network: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -70,16 +73,18 @@ class FrozenScoreTwin(nn.Module):
         critic: A score model whose backbone is a ``peft`` model, its head still the reward model's.
     """
 
-    def __init__(self, critic: nn.Module) -> None:
+    critic: ScoreModel  # in __dict__, not registered: nn.Module's typing would see a submodule or tensor
+
+    def __init__(self, critic: ScoreModel) -> None:
         super().__init__()
         self.__dict__["critic"] = critic  # not a submodule: held and saved under the critic only
         head = {name: full_tensor(param) for name, param in critic.score_head.named_parameters()}
-        self.score_head = type(critic.score_head)(
+        self.score_head: ScoreHead = type(critic.score_head)(
             head["weight"].shape[1], 1, bias="bias" in head, dtype=head["weight"].dtype
         )
         load_head(self.score_head, head)
         self.score_head.requires_grad_(False)
-        self.normalizer = copy.deepcopy(critic.normalizer)
+        self.normalizer: ScoreNormalizer = copy.deepcopy(critic.normalizer)
         self.end_token, self.pad_token_id = critic.end_token, critic.pad_token_id  # the reward model's end rule
         self.eval()
 
@@ -93,7 +98,7 @@ class FrozenScoreTwin(nn.Module):
         finally:
             hook.remove()
         scores = self.score_head(captured[0]).squeeze(-1).float()  # (B, L)
-        ends = attention_mask if self.end_token == "attention_mask" else input_ids != self.pad_token_id
+        ends = end_mask(input_ids, attention_mask, self.end_token, self.pad_token_id)
         return ScoreOutput(scores=scores, end_scores=self.normalizer(end_scores(scores, ends)))
 
 
@@ -107,7 +112,7 @@ def load_head(head: nn.Module, tensors: dict[str, Tensor]) -> None:
 
 def shared_frozen(trained: nn.Module) -> ReferencePolicy | FrozenScoreTwin:
     """The frozen network that shares ``trained``'s base: the reference of an actor, the reward model of a critic."""
-    if hasattr(trained, "score_head"):
+    if isinstance(trained, ScoreModel):
         return FrozenScoreTwin(trained)
     return ReferencePolicy(trained)
 

@@ -35,6 +35,8 @@ from lit_saferlhf.errors import InputNotFoundError, MissingTensorError, ModelDir
 
 LayoutKind = Literal["lit-saferlhf", "sequence-classification", "safe-rlhf", "language-model"]
 EndToken = Literal["attention_mask", "last_non_pad"]
+NormalizerKind = Literal["ema", "running"]
+NormalizeFunction = Literal["affine", "scale", "identity"]
 
 SIDE_FILE = "score_model.json"
 """Our side file: format version, score type, head bias, normaliser (see ``ScoreModel.save_pretrained``)."""
@@ -50,9 +52,13 @@ SCORE_LAYOUTS = (
 )
 """The layouts with a score head, as error messages name them."""
 
-SAFE_RLHF_FUNCTIONS = {"reward": "affine", "cost": "scale", "critic": "identity"}
+SAFE_RLHF_FUNCTIONS: dict[str, NormalizeFunction] = {"reward": "affine", "cost": "scale", "critic": "identity"}
 """safe-rlhf's normalisation by ``score_type`` (``ScoreModelMixin.init_score_head``)."""
-SAFE_RLHF_KINDS = {"RunningMeanStd": "running", "ExponentialMovingAverage": "ema", None: "running"}
+SAFE_RLHF_KINDS: dict[str | None, NormalizerKind] = {
+    "RunningMeanStd": "running",
+    "ExponentialMovingAverage": "ema",
+    None: "running",
+}
 """safe-rlhf's ``normalizer_type`` -> our ``ScoreNormalizer.kind``."""
 
 
@@ -60,13 +66,13 @@ SAFE_RLHF_KINDS = {"RunningMeanStd": "running", "ExponentialMovingAverage": "ema
 class NormalizerState:
     """A saved normaliser: how it updates, whether and how it transforms end scores, its statistics."""
 
-    kind: str = "running"
+    kind: NormalizerKind = "running"
     """``running`` (exact mean/variance) or ``ema``."""
     momentum: float = 0.9
     """EMA factor (``ema`` only)."""
     enabled: bool = False
     """Whether end scores are normalised with the statistics."""
-    function: str = "affine"
+    function: NormalizeFunction = "affine"
     """``affine``: ``(x - mean) / std``; ``scale``: ``x / std``; ``identity``: ``x``."""
     mean: float = 0.0
     """Mean of the end scores seen."""
@@ -146,12 +152,12 @@ class Layout:
         if meta.get("version", 1) == 1:
             tensors = read_local_safetensors(self, HEAD_FILE_V1)
             stats = {name: float(tensors[f"normalizer.{name}"]) for name in ("mean", "var", "count")}
-            normalizer = NormalizerState(**_settings(saved), **stats)
+            normalizer = NormalizerState(**(_settings(saved) | stats))
             return Head(weight=tensors["weight"], bias=tensors.get("bias"), normalizer=normalizer)
         weight = read_tensors(self, ["score.weight"])["score.weight"]
         bias = meta["head"]["bias"]
         stats = {name: float(saved[name]) for name in ("mean", "var", "count")}
-        normalizer = NormalizerState(**_settings(saved), **stats)
+        normalizer = NormalizerState(**(_settings(saved) | stats))
         return Head(weight=weight, bias=None if bias is None else torch.tensor([bias]), normalizer=normalizer)
 
     def _safe_rlhf_normalizer(self, tensors: dict[str, Tensor]) -> NormalizerState:

@@ -17,12 +17,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
 
 import torch
 from torch import Tensor, nn
 
 from lit_saferlhf.errors import ConfigError, HardwareError
+
+if TYPE_CHECKING:  # peft and transformers are imported where they are used (start-up time)
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import PreTrainedModel
 
 EXPORT_MODE = "lit_saferlhf_export"
 """Attribute of a ``peft`` model that records its ``LoraArgs.export``."""
@@ -86,8 +91,8 @@ def quantization_kwargs(args: LoraArgs | None) -> dict[str, Any]:
 
 
 def apply_lora(
-    model: nn.Module, args: LoraArgs, task_type: str | None, gradient_checkpointing: bool = False
-) -> nn.Module:
+    model: PreTrainedModel, args: LoraArgs, task_type: str | None, gradient_checkpointing: bool = False
+) -> PeftModel:
     """Freeze ``model`` and add adapters: a ``peft`` model whose trainable parameters are the adapters.
 
     Args:
@@ -96,7 +101,7 @@ def apply_lora(
         task_type: ``CAUSAL_LM`` for a policy (``generate`` works); None for a backbone.
         gradient_checkpointing: Whether ``model`` recomputes activations in backward.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if args.quantize is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -105,12 +110,13 @@ def apply_lora(
     config = LoraConfig(
         task_type=task_type,
         r=args.r,
-        lora_alpha=args.alpha,
+        lora_alpha=args.alpha,  # type: ignore[arg-type]  # peft annotates int, but divides it: alpha / r
         lora_dropout=args.dropout,
         target_modules=list(args.target_modules) if isinstance(args.target_modules, tuple) else args.target_modules,
         modules_to_save=list(args.modules_to_save) if args.modules_to_save else None,
     )
     peft_model = get_peft_model(model, config)
+    assert isinstance(peft_model, PeftModel)  # not a PeftMixedModel: mixed=False
     unsupported = {type(layer).__name__ for layer in lora_layers(peft_model).values()} - {"Linear", "Linear4bit"}
     if unsupported:
         raise ConfigError(
@@ -122,14 +128,14 @@ def apply_lora(
     return peft_model
 
 
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """The layers of ``model`` that carry LoRA adapters, by name."""
     from peft.tuners.lora import LoraLayer
 
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
-def is_peft(model: nn.Module) -> bool:
+def is_peft(model: nn.Module) -> TypeGuard[PeftModel]:
     """Whether ``model`` is a ``peft`` wrapper."""
     from peft import PeftModel
 
@@ -143,7 +149,9 @@ def has_adapters(module: nn.Module) -> bool:
     return any(isinstance(submodule, BaseTunerLayer) for submodule in module.modules())
 
 
-def export_view(model: nn.Module, state_dict: dict[str, Tensor] | None) -> tuple[nn.Module, dict[str, Tensor] | None]:
+def export_view(
+    model: PreTrainedModel | PeftModel, state_dict: dict[str, Tensor] | None
+) -> tuple[PreTrainedModel | PeftModel, dict[str, Tensor] | None]:
     """What to ``save_pretrained`` for ``model``: itself, its base with merged weights, or its adapter.
 
     A plain model comes back unchanged. A ``peft`` model comes back as its base model with the adapters
@@ -158,7 +166,8 @@ def export_view(model: nn.Module, state_dict: dict[str, Tensor] | None) -> tuple
         return model, state_dict
     if getattr(model, EXPORT_MODE, "merged") == "adapter":
         return model, state_dict
-    return model.get_base_model(), merged_state_dict(model, state_dict)
+    base = cast("PreTrainedModel", model.get_base_model())  # peft types it nn.Module: the model it wrapped
+    return base, merged_state_dict(model, state_dict)
 
 
 def merged_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -181,7 +190,9 @@ def merged_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = N
         for adapter in layer.active_adapters:
             down, up = state[f"{name}.lora_A.{adapter}.weight"], state[f"{name}.lora_B.{adapter}.weight"]
             delta = (up.float() @ down.float()) * layer.scaling[adapter]  # (out, in)
-            merged = merged + (delta.T if layer.fan_in_fan_out else delta)
+            # Every LoRA linear layer (Linear, Linear4bit) sets fan_in_fan_out; peft's LoraLayer does not declare it.
+            transposed = layer.fan_in_fan_out  # type: ignore[attr-defined]
+            merged = merged + (delta.T if transposed else delta)
         for key in [key for key in state if key.startswith(f"{name}.base_layer.")]:  # the bias, if any
             state[key.replace(".base_layer.", ".", 1)] = state.pop(key)
         state[f"{name}.weight"] = merged.to(base.dtype)
@@ -198,6 +209,7 @@ def base_name(key: str) -> str | None:
 @contextmanager
 def adapters_off(model: nn.Module) -> Iterator[None]:
     """Switch off every adapter of the ``peft`` model ``model`` (its base alone computes)."""
+    assert is_peft(model)
     with model.disable_adapter():
         yield
 

@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -35,6 +35,8 @@ from lit_saferlhf.models.layouts import (
     SIDE_FILE,
     EndToken,
     Head,
+    NormalizeFunction,
+    NormalizerKind,
     NormalizerState,
     detect_layout,
     require_score_model,
@@ -42,9 +44,11 @@ from lit_saferlhf.models.layouts import (
 from lit_saferlhf.models.peft import apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, is_rank_zero, load_partitioned, partitioning
 
+if TYPE_CHECKING:  # peft is imported where it is used
+    from peft import PeftModel
+
 HEAD_FILE = HEAD_FILE_V1
 META_FILE = SIDE_FILE
-NormalizeFunction = Literal["affine", "scale", "identity"]
 logger = logging.getLogger(__name__)
 
 
@@ -71,9 +75,13 @@ class ScoreNormalizer(nn.Module):
             (safe-rlhf's cost models: the sign is kept), ``identity`` ``x`` (critics).
     """
 
+    mean: Tensor  # buffers (see __init__)
+    var: Tensor
+    count: Tensor
+
     def __init__(
         self,
-        kind: Literal["ema", "running"] = "running",
+        kind: NormalizerKind = "running",
         momentum: float = 0.9,
         enabled: bool = False,
         function: NormalizeFunction = "affine",
@@ -152,7 +160,7 @@ class ScoreModel(nn.Module):
 
     def __init__(
         self,
-        backbone: PreTrainedModel,
+        backbone: PreTrainedModel | PeftModel,
         normalizer: ScoreNormalizer | None = None,
         head_bias: bool = False,
         end_token: EndToken = "attention_mask",
@@ -173,7 +181,7 @@ class ScoreModel(nn.Module):
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
         hidden = outputs.last_hidden_state  # (B, L, H)
         scores = self.score_head(hidden).squeeze(-1).float()  # (B, L)
-        ends = attention_mask if self.end_token == "attention_mask" else input_ids != self.pad_token_id
+        ends = end_mask(input_ids, attention_mask, self.end_token, self.pad_token_id)
         return ScoreOutput(scores=scores, end_scores=self.normalizer(end_scores(scores, ends)))
 
     @classmethod
@@ -199,19 +207,20 @@ class ScoreModel(nn.Module):
         """
         layout = None if source.path is None else detect_layout(source.path)
         if layout is not None and not layout.has_head and not new_head_ok:
-            require_score_model(source.path, role)
+            require_score_model(layout.path, role)
         head = layout.read_head() if layout is not None and layout.has_head else None
         config = load_config(source, tokenizer)
         backbone = load_backbone(source, config)
         fit_embeddings(backbone, tokenizer)
         if source.gradient_checkpointing:
             backbone.gradient_checkpointing_enable()
+        network: PreTrainedModel | PeftModel = backbone
         if source.lora is not None:  # adapters on the backbone only: the head always trains
-            backbone = apply_lora(backbone, source.lora, None, source.gradient_checkpointing)
+            network = apply_lora(backbone, source.lora, None, source.gradient_checkpointing)
         end_token = "attention_mask" if layout is None else layout.end_token
         pad_token_id = layout.config.get("pad_token_id") if layout is not None else None  # the checkpoint's own
         pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-        model = cls(backbone, None, head is not None and head.bias is not None, end_token, pad_token_id)
+        model = cls(network, None, head is not None and head.bias is not None, end_token, pad_token_id)
         if head is not None:
             model.load_head(head)
         elif layout is not None and is_rank_zero():
@@ -260,14 +269,16 @@ class ScoreModel(nn.Module):
         out_dir = Path(out_dir)
         with staged_dir(out_dir) as staging:
             state = state_dict or {name: tensor.detach() for name, tensor in self.state_dict().items()}
-            backbone = {name.removeprefix("backbone."): t for name, t in state.items() if name.startswith("backbone.")}
-            network, backbone = export_view(self.backbone, backbone)  # LoRA: merged, or the adapter alone
+            own = {name.removeprefix("backbone."): t for name, t in state.items() if name.startswith("backbone.")}
+            network, backbone = export_view(self.backbone, own)  # LoRA: merged, or the adapter alone
             tokenizer.save_pretrained(staging)
             classifier = sequence_classification_class(network)
             if classifier is None:
-                network.save_pretrained(staging, safe_serialization=True, state_dict=backbone)
+                # peft annotates save_directory as str; it is passed to os.path functions, which take a Path
+                network.save_pretrained(staging, safe_serialization=True, state_dict=backbone)  # type: ignore[arg-type]
                 side = self._write_v1_head(staging, state)
             else:
+                assert isinstance(network, PreTrainedModel)  # sequence_classification_class found its class
                 side = self._write_classifier(staging, network, classifier, backbone, state)
             side = {"format": "lit-saferlhf score model", **side, "score_type": score_type}
             if template is not None:
@@ -292,7 +303,7 @@ class ScoreModel(nn.Module):
         self,
         staging: Path,
         network: PreTrainedModel,
-        classifier: type,
+        classifier: type[PreTrainedModel],
         backbone: dict[str, Tensor] | None,
         state: dict[str, Tensor],
     ) -> dict[str, Any]:
@@ -336,11 +347,22 @@ class ScoreModel(nn.Module):
         return {**settings, "function": normalizer.function, **stats}
 
 
-def sequence_classification_class(network: nn.Module) -> type | None:
+def end_mask(input_ids: Tensor, attention_mask: Tensor, end_token: EndToken, pad_token_id: int | None) -> Tensor:
+    """Where a row's end score may be read: its attended tokens, or (``last_non_pad``) its non-padding ones."""
+    if end_token == "attention_mask":
+        return attention_mask
+    assert pad_token_id is not None  # ScoreModel requires one for last_non_pad
+    return input_ids != pad_token_id
+
+
+def sequence_classification_class(network: nn.Module) -> type[PreTrainedModel] | None:
     """transformers' ``*ForSequenceClassification`` class for ``network``'s family (None: none, or a LoRA adapter)."""
     if not isinstance(network, PreTrainedModel):
         return None
-    return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(network.config), None)
+    # transformers types the lazy auto mappings' values as classes or (tokenizer) class pairs; this one holds classes.
+    return cast(
+        "type[PreTrainedModel] | None", MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(network.config), None)
+    )
 
 
 def load_backbone(source: ModelSource, config: Any) -> PreTrainedModel:

@@ -12,6 +12,7 @@ Lightning's FSDP (FSDP1) strategy and DeepSpeed ZeRO-3 alike.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import cast
 
 import lightning as L
 from torch import Tensor, nn
@@ -19,6 +20,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType, fully_shard
 from torch.distributed.tensor import DTensor
+
+from lit_saferlhf.models.peft import is_peft
 
 
 def layer_classes(model: nn.Module) -> set[str]:
@@ -36,7 +39,7 @@ def shard(model: nn.Module, mesh: DeviceMesh | None) -> nn.Module:
             fully_shard(module, mesh=mesh)
     # A peft wrapper's generate() calls its base model directly: the base must be the root unit, so
     # that its own forward gathers the root's weights (embeddings, final norm).
-    fully_shard(model.get_base_model() if hasattr(model, "peft_config") else model, mesh=mesh)
+    fully_shard(model.get_base_model() if is_peft(model) else model, mesh=mesh)
     return model
 
 
@@ -76,7 +79,8 @@ def full_state_dict(module: L.LightningModule, name: str) -> dict[str, Tensor] |
     """
     network = getattr(module, name)
     if is_sharded(network):
-        return get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return cast(dict[str, Tensor], state)  # torch types values as any state value; a model's are tensors
     if is_zero3_partitioned(network):
         return gathered_zero3_state(network, keep=module.global_rank == 0)
     root = fsdp1_root(module)

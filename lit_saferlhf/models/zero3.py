@@ -17,13 +17,16 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lit_saferlhf.errors import InputNotFoundError, MissingTensorError
+
+if TYPE_CHECKING:  # transformers is imported where it is used
+    from transformers import PreTrainedModel
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -63,7 +66,9 @@ def read_weights(model_dir: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def build_partitioned(auto_class: Any, config: Any, path: str | None, trust_remote_code: bool = False) -> nn.Module:
+def build_partitioned(
+    auto_class: Any, config: Any, path: str | None, trust_remote_code: bool = False
+) -> PreTrainedModel:
     """``auto_class`` (``AutoModel``, ``AutoModelForCausalLM``) built partitioned, holding ``path``'s weights.
 
     Built from ``config`` with transformers' own initialisation switched off (it cannot index empty
@@ -105,7 +110,9 @@ def load_partitioned(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     """
     import deepspeed
 
-    rank_zero, loaded, unfilled = is_rank_zero(), set(), {}
+    rank_zero = is_rank_zero()
+    loaded: set[int] = set()  # ids of the parameters filled
+    unfilled: dict[int, str] = {}  # id -> key of the parameters the checkpoint lacks (under some name)
     for prefix, module in model.named_modules():
         params = dict(module.named_parameters(prefix=prefix, recurse=False))
         if not params:

@@ -40,19 +40,21 @@ from lit_saferlhf.data.templates import (
     save_template,
     trained_template,
 )
+from lit_saferlhf.data.tokenizers import load_tokenizer
 from lit_saferlhf.errors import ConfigError, require
 from lit_saferlhf.generators import GenerationArgs, Generator, HFGenerate
 from lit_saferlhf.losses import (
-    appo_policy_loss,
+    appo_lagrangian_mask,
+    appo_surrogate_loss,
+    clipped_surrogate_loss,
     k3_kl_loss,
     kl_shaped_rewards,
     kl_to_reference,
-    lagrangian_policy_loss,
     lm_loss,
     response_mask,
     value_loss,
 )
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
 from lit_saferlhf.models.frozen import ReferencePolicy, frozen, shared_frozen
 from lit_saferlhf.models.layouts import check_model_path, require_policy, require_score_model
 from lit_saferlhf.models.logprobs import response_logprobs as chunked_response_logprobs
@@ -62,6 +64,20 @@ from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.optim import OptimizerArgs, build_optimizer
 from lit_saferlhf.solvers import ConstraintSolver
 from lit_saferlhf.stages.rollout import Rollout
+
+
+@dataclass(frozen=True)
+class APPOArgs:
+    """APPO (Equilibrate RLHF's AMA on PPO), a variant of the actor loss with its own parameter.
+
+    The clipped surrogate keeps only the response tokens whose Lagrangian critic value ``V_r - λ·V_c`` agrees in
+    sign with their advantage ``A_r - λ·A_c`` (``lit_saferlhf.losses.appo_lagrangian_mask``, decisions in
+    ``lit_saferlhf_plugins.objectives.ama``), averaged over each sequence's kept tokens, then over all sequences
+    (``lit_saferlhf.losses.appo_surrogate_loss``). Needs critics (GAE) and ``loss_aggregation: sequence_mean``.
+    """
+
+    baseline: float = 0.0
+    """``b`` of the sign test: a token is kept where ``V > b`` if ``A >= 0``, where ``V < b`` if ``A < 0``."""
 
 
 @dataclass(frozen=True)
@@ -95,12 +111,9 @@ class PPOArgs:
     """Clip the global gradient norm (None: no clipping)."""
     ptx_coeff: float = 16.0
     """Weight of the PTX loss (LM loss on demonstrations) when the data carries them (``data.ptx_path``)."""
-    ama: bool = False
-    """APPO (Equilibrate RLHF's AMA): the actor loss keeps only the response tokens whose Lagrangian critic value
-    ``V_r - λ·V_c`` agrees in sign with their advantage ``A_r - λ·A_c`` (``lit_saferlhf.losses.appo_policy_loss``,
-    decisions in ``lit_saferlhf_plugins.objectives.ama``). Needs critics (GAE) and the ``sequence_mean`` aggregation."""
-    ama_baseline: float = 0.0
-    """``b`` of APPO's sign test: a token is kept where ``V > b`` if ``A >= 0``, where ``V < b`` if ``A < 0``."""
+    appo: APPOArgs | None = None
+    """The actor loss: None, the clipped surrogate on every response token; ``{baseline: b}``, APPO (``APPOArgs``:
+    only the tokens whose Lagrangian critic value agrees with their advantage). APPO needs critics (GAE)."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "minibatch_size", "cost_window"):
@@ -116,8 +129,8 @@ class PPOArgs:
         require(
             self.loss_aggregation in aggregations, "loss_aggregation", " or ".join(aggregations), self.loss_aggregation
         )
-        if self.ama:  # APPO averages each sequence's kept tokens, then all sequences
-            expected = "sequence_mean with ama (APPO's per-sequence mean)"
+        if self.appo is not None:  # APPO averages each sequence's kept tokens, then all sequences
+            expected = "sequence_mean with appo (APPO's per-sequence mean)"
             require(self.loss_aggregation == "sequence_mean", "loss_aggregation", expected, self.loss_aggregation)
 
 
@@ -125,6 +138,8 @@ log = logging.getLogger(__name__)
 
 NETWORKS = ("actor", "reference", "reward_model", "cost_model", "reward_critic", "cost_critic")
 """Attribute names of every network the stage may hold (frozen ones: reference, reward and cost models)."""
+KL_SIGNS = {"reward": -1.0, "cost": 1.0}
+"""The sign of ``β·KL_t`` in each stream a solver may name: a penalty on the reward, an addition to the cost."""
 
 
 class PPOLagrangian(L.LightningModule):
@@ -153,7 +168,7 @@ class PPOLagrangian(L.LightningModule):
         export_dir: Where to write the aligned policy (Hugging Face dir) at the end of ``fit``.
         lora: Train LoRA adapters instead of full weights (None: full fine-tuning). The frozen networks then
             share the trained ones' bases: the reference is the actor with its adapters off, each frozen
-            score model its critic's backbone with the adapter off (``models/lora.py``).
+            score model its critic's backbone with the adapter off (``models/frozen.py``).
     """
 
     def __init__(
@@ -191,11 +206,11 @@ class PPOLagrangian(L.LightningModule):
                 "with model.lora each critic is an adapter on its score "
                 "model's backbone; leave them unset (or equal to model.reward_model / model.cost_model)",
             )
-        if solver.uses_cost and cost_model is None:
+        if solver.needs_cost_model() and cost_model is None:
             raise ConfigError("model.cost_model", f"{type(solver).__name__} needs a cost model dir")
-        if ppo.ama and advantage is not None and not advantage.needs_critics:
+        if ppo.appo is not None and advantage is not None and not advantage.needs_critics:
             raise ConfigError(
-                "model.ppo.ama",
+                "model.init_args.ppo.appo",
                 f"APPO masks tokens by critic values; {type(advantage).__name__} has no critic (use GAE)",
             )
         self.advantage = advantage or GAE()
@@ -235,14 +250,9 @@ class PPOLagrangian(L.LightningModule):
         if self.global_rank == 0:
             log.info(self.network_summary())
 
-    def stream_names(self) -> tuple[str, ...]:
-        """The streams that get advantages: reward and cost, or one (``R`` or ``R - λ·C``) when the solver
-        uses no cost or shapes the reward."""
-        return ("reward", "cost") if self.solver.uses_cost and not self.solver.shapes_reward else ("reward",)
-
     def critic_names(self) -> tuple[str, ...]:
-        """The critics this run builds and trains: one per stream with GAE, none with a critic-free estimator."""
-        return self.stream_names() if self.advantage.needs_critics else ()
+        """The critics this run builds and trains: one per solver stream with GAE, none with a critic-free estimator."""
+        return self.solver.stream_names() if self.advantage.needs_critics else ()
 
     def held_networks(self) -> dict[str, nn.Module]:
         """Every network this run holds, by attribute name."""
@@ -384,20 +394,19 @@ class PPOLagrangian(L.LightningModule):
     def score_streams(
         self, end_rewards: Tensor, end_costs: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor
     ) -> dict[str, Tensor]:
-        """Per-token reward (and cost) streams: the end score at the last token, ``∓β·KL_t`` per token when the
-        KL is a reward penalty, clipped to ``±score_clip``.
+        """Per-token streams of the solver's end scores: the end score at the last token, ``∓β·KL_t`` per token
+        (a penalty on the reward stream, an addition to the cost stream) when the KL is a reward penalty, clipped
+        to ``±score_clip``.
 
-        Under reward shaping (``solver.shapes_reward``, safe-rlhf's ``PPORewardShapingTrainer``) the one stream
-        carries ``R - λ·C`` and the KL once.
+        The solver says which streams there are and what each ends with: reward and cost by default, one stream
+        ``R - λ·C`` under reward shaping (``FixedPenalty``, safe-rlhf's ``PPORewardShapingTrainer``).
         """
         kl_coeff = self.ppo.kl_coeff if self.ppo.kl_penalty == "reward" else 0.0
         shaping = {"kl_coeff": kl_coeff, "score_clip": self.ppo.score_clip}
-        if self.solver.shapes_reward:
-            end_rewards = end_rewards - self.solver.multiplier * end_costs
-        streams = {"reward": kl_shaped_rewards(end_rewards, logprobs, ref_logprobs, mask, kl_sign=-1.0, **shaping)}
-        if "cost" in self.stream_names():
-            streams["cost"] = kl_shaped_rewards(end_costs, logprobs, ref_logprobs, mask, kl_sign=1.0, **shaping)
-        return streams  # each (N, A)
+        return {
+            name: kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_sign=KL_SIGNS[name], **shaping)
+            for name, scores in self.solver.end_score_streams(end_rewards, end_costs).items()
+        }  # each (N, A)
 
     def episode_cost(self, end_costs: Tensor) -> float:
         """Mean cost of this rank's last ``cost_window`` sequences, averaged over ranks."""
@@ -429,26 +438,27 @@ class PPOLagrangian(L.LightningModule):
         return stats
 
     def actor_loss(self, minibatch: Rollout, start: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """The clipped surrogate on ``(A_r - λ·A_c) / (1 + λ)``, plus ``β·k3`` when the KL is a loss term."""
+        """The clipped surrogate on the solver's advantage (Safe RLHF: ``(A_r - λ·A_c) / (1 + λ)``), or APPO's on
+        the tokens it keeps, plus ``β·k3`` when the KL is a loss term."""
         logprobs = response_logprobs(self.actor, minibatch.input_ids, minibatch.attention_mask, start)
-        multiplier = torch.tensor(self.solver.multiplier, device=logprobs.device)
-        advantages = (minibatch.reward_advantages, minibatch.cost_advantages)
-        if self.ppo.ama:  # APPO: only the tokens whose critic value agrees with their advantage
-            values = (minibatch.reward_values, minibatch.cost_values)
-            loss, stats = appo_policy_loss(
-                logprobs, minibatch.old_logprobs, *advantages, *values, minibatch.mask, multiplier,
-                clip_eps=self.ppo.clip_eps, normalize=self.solver.normalize_advantage, baseline=self.ppo.ama_baseline,
-            )  # fmt: skip
-        else:
-            loss, stats = lagrangian_policy_loss(
+        advantages = self.solver.actor_advantages(minibatch.reward_advantages, minibatch.cost_advantages)  # (N, A)
+        if self.ppo.appo is None:
+            loss, stats = clipped_surrogate_loss(
                 logprobs,
                 minibatch.old_logprobs,
-                *advantages,
+                advantages,
                 minibatch.mask,
-                multiplier,
-                clip_eps=self.ppo.clip_eps,
-                normalize=self.solver.normalize_advantage,
-                aggregation=self.ppo.loss_aggregation,
+                self.ppo.clip_eps,
+                self.ppo.loss_aggregation,
+            )
+        else:  # APPO: only the tokens whose Lagrangian critic value agrees with their advantage
+            multiplier = torch.tensor(self.solver.multiplier, device=logprobs.device)
+            kept = appo_lagrangian_mask(
+                minibatch.reward_values, minibatch.cost_values, minibatch.reward_advantages,
+                minibatch.cost_advantages, minibatch.mask, multiplier, self.ppo.appo.baseline,
+            )  # fmt: skip
+            loss, stats = appo_surrogate_loss(
+                logprobs, minibatch.old_logprobs, advantages, kept, minibatch.mask, self.ppo.clip_eps
             )
         stats = {"loss/actor": loss.detach(), **stats}
         if self.ppo.kl_penalty == "loss":

@@ -30,10 +30,11 @@ from lit_saferlhf.data.templates import (
     save_template,
     trained_template,
 )
+from lit_saferlhf.data.tokenizers import load_tokenizer
 from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.generators import GenerationArgs, Generator, HFGenerate
 from lit_saferlhf.losses import gather_logprobs, pair_metrics, response_mask
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
 from lit_saferlhf.models.frozen import ReferencePolicy, frozen, shared_frozen
 from lit_saferlhf.models.peft import LoraArgs, describe_parameters, drop_frozen, restore_frozen
 from lit_saferlhf.models.score_model import ScoreModel
@@ -121,6 +122,9 @@ class PreferenceOptimization(L.LightningModule):
         self.scorers = nn.ModuleDict(
             {name: self.scorer(source) for name, source in self.sources.items() if source is not None}
         )
+        # The objective's own frozen networks (ADPO's token scorer), loaded like a score source.
+        networks = self.objective.frozen_networks(lambda path: self.scorer(ScoreSource(path)))
+        self.objective_networks = nn.ModuleDict(networks)
         self.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
         if self.global_rank == 0:
             log.info(describe_parameters(self))
@@ -208,7 +212,7 @@ class PreferenceOptimization(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """C-DPO with ``update_every``: a dual step every that many optimiser steps (once under accumulation)."""
-        every = getattr(self.objective, "update_every", None)
+        every = self.objective.update_every
         due = every and self.global_step % every == 0 and self.global_step != self.last_dual_step
         if self.objective.solver is not None and due:
             self.last_dual_step = self.global_step
@@ -216,7 +220,7 @@ class PreferenceOptimization(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """C-DPO without ``update_every``: a dual step at the end of every epoch."""
-        if self.objective.solver is not None and not getattr(self.objective, "update_every", None):
+        if self.objective.solver is not None and not self.objective.update_every:
             self.dual_step()
 
     def dual_step(self) -> None:
@@ -268,7 +272,8 @@ class PreferenceOptimization(L.LightningModule):
     def train(self, mode: bool = True) -> PreferenceOptimization:
         """Keep the frozen networks in eval mode whatever Lightning sets."""
         super().train(mode)
-        for network in (getattr(self, "reference", None), *getattr(self, "scorers", {}).values()):
+        scorers = (*getattr(self, "scorers", {}).values(), *getattr(self, "objective_networks", {}).values())
+        for network in (getattr(self, "reference", None), *scorers):
             if network is not None:
                 network.eval()
         return self

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lit_saferlhf.data.templates import load_template, save_template, template_record, trained_template
+from lit_saferlhf.data.tokenizers import load_tokenizer
 from lit_saferlhf.losses import reward_loss, tokenwise_reward_loss
-from lit_saferlhf.models.causal_lm import ModelSource, load_tokenizer
-from lit_saferlhf.models.peft import drop_frozen, restore_frozen
+from lit_saferlhf.models.causal_lm import ModelSource
+from lit_saferlhf.models.peft import LoraArgs, drop_frozen, restore_frozen
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.optim import OptimizerArgs, build_optimizer
@@ -60,6 +61,10 @@ class ScoreModelStage(L.LightningModule, ABC):
         regularization: Weight of the score-magnitude penalty (reference: 0.001).
         optimizer: AdamW and schedule (reference: lr 2e-5, cosine, warm-up 0.03, weight decay 0.1).
         export_dir: Where to write the score model dir at the end of ``fit`` (None: no export).
+        dtype: Weights dtype when loading (None: float32).
+        gradient_checkpointing: Recompute the backbone's activations in backward.
+        lora: Train LoRA adapters on the backbone instead of its full weights (None: full fine-tuning); the
+            score head always trains in full.
     """
 
     sides: ClassVar[tuple[str, str]]
@@ -74,10 +79,14 @@ class ScoreModelStage(L.LightningModule, ABC):
         regularization: float = 0.0,
         optimizer: OptimizerArgs = OptimizerArgs(),
         export_dir: str | None = None,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        lora: LoraArgs | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.source, self.loss_type, self.regularization = model, loss_type, regularization
+        self.source = model.with_build_settings(dtype, gradient_checkpointing, lora)
+        self.loss_type, self.regularization = loss_type, regularization
         self.optimizer_args, self.export_dir = optimizer, export_dir
         self.tokenizer = load_tokenizer(model)
         self.model: ScoreModel | None = None

@@ -17,9 +17,10 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lit_saferlhf.data.templates import load_template, policy_files, save_template, trained_template
+from lit_saferlhf.data.tokenizers import load_tokenizer
 from lit_saferlhf.losses import lm_loss
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
-from lit_saferlhf.models.peft import drop_frozen, restore_frozen
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
+from lit_saferlhf.models.peft import LoraArgs, drop_frozen, restore_frozen
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.optim import OptimizerArgs, build_optimizer
 
@@ -51,14 +52,24 @@ class SFTModule(L.LightningModule):
         model: The policy to fine-tune: a hub name or dir, or a config for random weights.
         optimizer: AdamW and schedule (Safe RLHF's reference: lr 2e-5, cosine, warm-up 0.03).
         export_dir: Where to write the Hugging Face dir at the end of ``fit`` (None: no export).
+        dtype: Weights dtype when loading (None: float32).
+        gradient_checkpointing: Recompute the policy's activations in backward.
+        lora: Train LoRA adapters instead of full weights (None: full fine-tuning).
     """
 
     def __init__(
-        self, model: ModelSource, optimizer: OptimizerArgs = OptimizerArgs(), export_dir: str | None = None
+        self,
+        model: ModelSource,
+        optimizer: OptimizerArgs = OptimizerArgs(),
+        export_dir: str | None = None,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        lora: LoraArgs | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.source, self.optimizer_args, self.export_dir = model, optimizer, export_dir
+        self.source = model.with_build_settings(dtype, gradient_checkpointing, lora)
+        self.optimizer_args, self.export_dir = optimizer, export_dir
         self.tokenizer = load_tokenizer(model)
         self.model: PreTrainedModel | None = None
         self.train_metrics, self.val_metrics = TokenMetrics(), TokenMetrics()

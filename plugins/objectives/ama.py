@@ -2,9 +2,10 @@
 
 AMA trains only the decisive tokens of each response. The DPO family takes its masks through the
 objective contract's ``token_weights`` hook (``DPO(ama=AMA(...))``, "ADPO"), PPO-Lagrangian's actor
-loss through ``PPOArgs.ama`` ("APPO", :func:`lit_saferlhf.losses.appo_policy_loss`). The masks are
+loss through ``PPOArgs.appo`` ("APPO", :func:`lit_saferlhf.losses.appo_surrogate_loss`). The masks are
 pure functions in ``lit_saferlhf.losses`` (:func:`~lit_saferlhf.losses.adpo_token_mask`,
-:func:`~lit_saferlhf.losses.appo_token_mask`); this module holds ADPO's scorer setting.
+:func:`~lit_saferlhf.losses.appo_token_mask`); this module holds ADPO's scorer setting. The scorer's
+network is built by the preference stage, through the objective contract's ``frozen_networks`` hook.
 
 **ADPO**, for a pair with per-token scores ``s_t`` of a score model and baseline ``b``::
 
@@ -35,7 +36,6 @@ Decisions on the ambiguities of ``METHODS.md`` §2 (the authors' AMA code does n
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,32 +55,26 @@ class AMA:
     baseline: float = 0.0
     """``b``: chosen responses keep tokens scoring above it, rejected ones tokens below it."""
 
-    def token_weights(self, mask: Tensor, batch: dict[str, Tensor], chosen: Tensor) -> Tensor:
+    def token_weights(self, mask: Tensor, batch: dict[str, Tensor], chosen: Tensor, scorer: nn.Module) -> Tensor:
         """:func:`adpo_token_mask` of the batch's sequences, aligned with the targets ``input_ids[:, 1:]``.
 
         Args:
             mask: True on response targets, ``(2B, L - 1)``.
             batch: The collated pairs: ``input_ids`` and ``attention_mask`` ``(2B, L)``.
             chosen: Index of each pair's preferred response, ``(B,)``.
+            scorer: The frozen score model at ``path``, as the stage built it.
         """
-        scores = self.token_scores(batch["input_ids"], batch["attention_mask"])[:, 1:]  # (2B, L - 1)
+        scores = self.token_scores(scorer, batch["input_ids"], batch["attention_mask"])[:, 1:]  # (2B, L - 1)
         return adpo_token_mask(scores, mask, chosen, self.baseline)
 
     @torch.no_grad()
-    def token_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``s_t`` at every position ``(N, L)``: the model's per-token scores, normalised as its end scores."""
-        model = _score_model(self.path, str(input_ids.device))
-        scores = model.normalizer(model(input_ids, attention_mask).scores)
+    def token_scores(self, scorer: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``s_t`` at every position ``(N, L)``: the scorer's per-token scores, normalised as its end scores.
+
+        Args:
+            scorer: The frozen score model at ``path``, as the stage built it.
+            input_ids: Token ids, ``(N, L)``.
+            attention_mask: Attention mask, ``(N, L)``.
+        """
+        scores = scorer.normalizer(scorer(input_ids, attention_mask).scores)
         return -scores if self.negate else scores
-
-
-@functools.lru_cache(maxsize=4)
-def _score_model(path: str, device: str) -> nn.Module:
-    """The frozen score model at ``path`` on ``device``, loaded once per process."""
-    from lit_saferlhf.models.causal_lm import ModelSource, load_tokenizer
-    from lit_saferlhf.models.score_model import ScoreModel
-
-    source = ModelSource(path=path)
-    model = ScoreModel.from_source(source, load_tokenizer(source)).to(device)
-    model.eval()
-    return model.requires_grad_(False)

@@ -8,9 +8,10 @@ SACPO (Wachi et al., NeurIPS 2024; METHODS.md §5) is two runs of the preference
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.losses import dpo_loss, ipo_loss, kto_loss, ordered
@@ -48,11 +49,22 @@ class DPO(Objective):
         chosen, rejected = ordered(batch.logratios, getattr(batch, self.requires[0]))
         return dpo_loss(chosen, rejected, self.beta)
 
+    def frozen_networks(self, load: Callable[[str], nn.Module]) -> dict[str, nn.Module]:
+        """ADPO's token scorer (the score model at ``ama.path``) when ``ama`` is set; else none.
+
+        Args:
+            load: The stage's loader of a frozen score model from a dir.
+        """
+        if self.ama is None:
+            return {}  # also IPO's (shared below)
+        self.ama_scorer = load(self.ama.path)
+        return {"ama": self.ama_scorer}
+
     def token_weights(self, mask: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """The response mask, or ADPO's masks when ``ama`` is set."""
+        """The response mask, or ADPO's masks when ``ama`` is set (its scorer built by ``frozen_networks``)."""
         if self.ama is None:
             return Objective.token_weights(self, mask, batch)  # also IPO's (shared below)
-        return self.ama.token_weights(mask, batch, batch[self.requires[0]])
+        return self.ama.token_weights(mask, batch, batch[self.requires[0]], self.ama_scorer)
 
 
 class IPO(Objective):
@@ -75,6 +87,7 @@ class IPO(Objective):
         chosen, rejected = ordered(batch.logratios, getattr(batch, self.requires[0]))
         return ipo_loss(chosen, rejected, self.tau)
 
+    frozen_networks = DPO.frozen_networks
     token_weights = DPO.token_weights
 
 

@@ -102,20 +102,19 @@ class DualAscent(ConstraintSolver):
 
 
 def _validate(lr: float, init: float, cap: float | None, update_delay: int, linear: bool) -> None:
-    """Reject settings the update rule cannot honour, naming the offending field."""
+    """Reject settings the update rule cannot honour, naming the offending field (the CLI finds its full key)."""
     if not lr > 0.0:
-        raise ConfigError("model.init_args.solver", f"DualAscent: `lr` must be > 0, got {lr}")
+        raise ConfigError("lr", "a number > 0 (DualAscent's step size)", lr)
     if linear and not init >= 0.0:
-        raise ConfigError("model.init_args.solver", f"DualAscent: `init_multiplier` must be >= 0, got {init}")
+        raise ConfigError("init_multiplier", "a number >= 0 (DualAscent's initial λ)", init)
     if not linear and not init > 0.0:
         raise ConfigError(
-            "model.init_args.solver",
-            f"DualAscent: `init_multiplier` must be > 0 for the log-space update (ln 0 is undefined), got {init}; "
-            "use a small positive value or `linear: true`",
+            "init_multiplier",
+            "a number > 0 for DualAscent's log-space update (ln 0 is undefined): a small positive value, "
+            "or `linear: true`",
+            init,
         )
     if cap is not None and not cap >= init:
-        raise ConfigError(
-            "model.init_args.solver", f"DualAscent: `max_multiplier` ({cap}) must be >= `init_multiplier` ({init})"
-        )
+        raise ConfigError("max_multiplier", f"None or a number >= DualAscent's `init_multiplier` ({init})", cap)
     if update_delay < 0:
-        raise ConfigError("model.init_args.solver", f"DualAscent: `update_delay` must be >= 0, got {update_delay}")
+        raise ConfigError("update_delay", "an integer >= 0 (DualAscent's calls that leave λ as it is)", update_delay)

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from lit_saferlhf.errors import ConfigError
+from lit_saferlhf.losses import lagrangian_advantage
 from lit_saferlhf.solvers import ConstraintSolver
 
 
 class FixedPenalty(ConstraintSolver):
     """Reward shaping with a constant penalty: the policy trains on ``R - λ·C``; λ never moves.
 
-    This is Safe RLHF's reward-shaping baseline, as safe-rlhf's ``PPORewardShapingTrainer`` runs it
-    (``shapes_reward = True``): the end score ``R - λ·C`` forms ONE stream, shaped once with the KL
+    This is Safe RLHF's reward-shaping baseline, as safe-rlhf's ``PPORewardShapingTrainer`` runs it:
+    the end score ``R - λ·C`` forms ONE stream (``end_score_streams``), shaped once with the KL
     penalty ``-β·KL_t`` and clipped like the reward stream, whose advantages (GAE with the reward
     critic alone, no cost critic) drive the actor without the ``1 + λ`` normaliser
-    (``normalize_advantage = False``). With a critic-free estimator the same single score is
-    normalised within its group. A large λ trades reward for cost at a fixed rate whatever the
-    observed cost: a large multiplier (e.g. 5.0) makes the policy over-safe, refusing benign
-    requests. ``multiplier=0`` is plain PPO (or plain GRPO/RLOO): then ``uses_cost`` is false and
-    the stage may leave out the cost model altogether.
+    (``actor_advantages``). With a critic-free estimator the same single score is normalised within
+    its group. A large λ trades reward for cost at a fixed rate whatever the observed cost: a large
+    multiplier (e.g. 5.0) makes the policy over-safe, refusing benign requests. ``multiplier=0`` is
+    plain PPO (or plain GRPO/RLOO): then ``needs_cost_model()`` is false and the stage may leave out
+    the cost model altogether.
 
     Args:
         multiplier: The constant penalty λ >= 0 on the cost; 0 is plain (unconstrained) PPO.
@@ -25,18 +29,44 @@ class FixedPenalty(ConstraintSolver):
             ``J_c - d``, since the penalty does not react to it.
     """
 
-    normalize_advantage = False
-    shapes_reward = True
-
     def __init__(self, multiplier: float = 0.0, cost_limit: float = 0.0) -> None:
         if not multiplier >= 0.0:
-            raise ConfigError("model.init_args.solver", f"FixedPenalty: `multiplier` must be >= 0, got {multiplier}")
+            raise ConfigError("multiplier", "a number >= 0 (FixedPenalty's constant penalty λ)", multiplier)
         super().__init__(cost_limit=cost_limit, init_multiplier=multiplier)
 
-    @property
-    def uses_cost(self) -> bool:
-        """Whether the cost model is needed: false at λ = 0, which is plain PPO."""
+    def needs_cost_model(self) -> bool:
+        """Whether the cost model is needed: not at λ = 0, which is plain PPO."""
         return self.multiplier > 0.0
+
+    def stream_names(self) -> tuple[str, ...]:
+        """One stream, ``reward``, carrying ``R - λ·C``: no cost stream, no cost critic."""
+        return ("reward",)
+
+    def end_score_streams(self, rewards: Tensor, costs: Tensor) -> dict[str, Tensor]:
+        """The shaped end score ``R - λ·C`` as the one ``reward`` stream.
+
+        Args:
+            rewards: Reward-model end scores ``R``, ``(N,)``.
+            costs: Cost-model end scores ``C``, ``(N,)`` (zeros without a cost model).
+
+        Returns:
+            ``{"reward": R - λ·C}``.
+        """
+        return {"reward": rewards - self.multiplier * costs}
+
+    def actor_advantages(self, reward_advantages: Tensor, cost_advantages: Tensor) -> Tensor:
+        """``A_r - λ·A_c`` without the ``1 + λ`` divisor (``A_c`` is zeros: the one stream already holds ``-λ·C``).
+
+        Args:
+            reward_advantages: Advantages of the one (shaped) stream, ``(N, A)``.
+            cost_advantages: Zeros, ``(N, A)``: this solver has no cost stream.
+
+        Returns:
+            The actor's advantage, ``(N, A)``, detached.
+        """
+        # λ as a float32 tensor first, then the advantages' dtype: as the stage has always built it, bit for bit.
+        multiplier = torch.tensor(self.multiplier, device=reward_advantages.device)
+        return lagrangian_advantage(reward_advantages, cost_advantages, multiplier, normalize=False)
 
     def update(self, episode_cost: float) -> dict[str, float]:
         """Leave λ where it is; report it with the observed violation ``J_c - d``.

@@ -127,20 +127,18 @@ class PIDLagrangian(ConstraintSolver):
 
 
 def _validate_gains(**values: float) -> None:
-    """Gains and starting values must be >= 0; the error names the field."""
+    """Gains and starting values must be >= 0; the error names the field (the CLI finds its full key)."""
     for name, value in values.items():
         if not value >= 0.0:
-            raise ConfigError("model.init_args.solver", f"PIDLagrangian: `{name}` must be >= 0, got {value}")
+            raise ConfigError(name, "a number >= 0 (a PIDLagrangian gain or starting value)", value)
 
 
 def _validate_filters(init: float, cap: float | None, delay: int, ema_p: float, ema_d: float) -> None:
     """The cap, the derivative delay and the EMA coefficients must be usable."""
     if cap is not None and not cap >= init:
-        raise ConfigError(
-            "model.init_args.solver", f"PIDLagrangian: `max_multiplier` ({cap}) must be >= `init_multiplier` ({init})"
-        )
+        raise ConfigError("max_multiplier", f"None or a number >= PIDLagrangian's `init_multiplier` ({init})", cap)
     if delay < 1:
-        raise ConfigError("model.init_args.solver", f"PIDLagrangian: `derivative_delay` must be >= 1, got {delay}")
+        raise ConfigError("derivative_delay", "an integer >= 1 (PIDLagrangian's updates back)", delay)
     for name, value in (("proportional_ema", ema_p), ("derivative_ema", ema_d)):
         if not 0.0 <= value < 1.0:
-            raise ConfigError("model.init_args.solver", f"PIDLagrangian: `{name}` must be in [0, 1), got {value}")
+            raise ConfigError(name, "a number in [0, 1) (a PIDLagrangian EMA coefficient)", value)

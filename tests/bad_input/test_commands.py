@@ -150,22 +150,31 @@ LORA = [
     # (case, lora settings, what the line says)
     ("rank-0", {"r": 0}, "lora.r: expected a rank >= 1, found 0"),
     ("dropout-1", {"dropout": 1.0}, "lora.dropout: expected a probability in [0, 1), found 1.0"),
-    ("qlora-random", {"quantize": "nf4"}, "model.lora.quantize: QLoRA quantizes pretrained weights"),
+    ("qlora-random", {"quantize": "nf4"}, "model.init_args.lora.quantize: expected null when the model is built"),
     ("embedding", {"target_modules": ["embed_tokens"]}, "lora.target_modules: adapters on ['Embedding'] layers"),
 ]
 
 
 @pytest.mark.parametrize(("lora", "message"), [c[1:] for c in LORA], ids=[c[0] for c in LORA])
 def test_lora_settings(lora: dict, message: str, tmp_path: Path, sft_data: Path, capsys) -> None:
-    model = {"config": TINY_LLAMA, "tokenizer": "safety-world", "lora": lora}
-    assert_names(fit_error(stage_config(tmp_path, "sft", sft_data, model=model), capsys), message)
+    flag = f"--model.init_args.lora={json.dumps(lora)}"
+    assert_names(fit_error(stage_config(tmp_path, "sft", sft_data), capsys, flag), message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="QLoRA runs where there is a CUDA GPU")
 def test_qlora_without_a_gpu(tmp_path: Path, sft_data: Path, policy_dir: Path, capsys) -> None:
-    model = {"path": str(policy_dir), "lora": {"quantize": "nf4"}}
-    line = fit_error(stage_config(tmp_path, "sft", sft_data, model=model), capsys)
+    config = stage_config(tmp_path, "sft", sft_data, model={"path": str(policy_dir)})
+    line = fit_error(config, capsys, "--model.init_args.lora.quantize=nf4")
     assert_names(line, "lora.quantize: 'nf4' (QLoRA)", "needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("lora", {"r": 4}), ("dtype", "bfloat16"), ("gradient_checkpointing", True)]
+)
+def test_a_build_setting_under_model_is_refused(setting: str, value, tmp_path: Path, sft_data: Path, capsys) -> None:
+    model = {"config": TINY_LLAMA, "tokenizer": "safety-world", setting: value}  # the stage's own setting, misplaced
+    line = fit_error(stage_config(tmp_path, "sft", sft_data, model=model), capsys)
+    assert_names(line, f"model.init_args.model.{setting}: is not a `model` setting", f"`model.init_args.{setting}`")
 
 
 PPO_PARTS = [
@@ -186,7 +195,7 @@ PPO_PARTS = [
 
 @pytest.mark.parametrize(("flags", "message"), [c[1:] for c in PPO_PARTS], ids=[c[0] for c in PPO_PARTS])
 def test_ppo_part_settings(flags: list[str], message: str, tmp_path: Path, capsys) -> None:
-    flags = [*flags, "--model.init_args.ppo.ama=false", f"--trainer.default_root_dir={tmp_path}"]
+    flags = [*flags, '--model.init_args.ppo={"appo": null}', f"--trainer.default_root_dir={tmp_path}"]
     assert_names(fit_error(PPO_CONFIG, capsys, *flags), message)
 
 

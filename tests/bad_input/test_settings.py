@@ -85,20 +85,37 @@ def test_a_ppo_setting_out_of_its_domain(flag: str, key: str, capsys) -> None:
     assert_names(line, f"error: {key}: expected")
 
 
+# (solver, settings, the field named, what it must be, the value found)
 SOLVERS = [
-    ("DualAscent", {"cost_limit": 0.0, "lr": -1.0}, "`lr` must be > 0"),
-    ("DualAscent", {"cost_limit": 0.0, "init_multiplier": -1.0, "linear": True}, "`init_multiplier` must be >= 0"),
-    ("PIDLagrangian", {"cost_limit": 0.0, "kp": -1.0}, "`kp` must be >= 0"),
-    ("PIDLagrangian", {"cost_limit": 0.0, "derivative_delay": 0}, "`derivative_delay` must be >= 1"),
-    ("FixedPenalty", {"multiplier": -1.0}, "`multiplier` must be >= 0"),
+    ("DualAscent", {"cost_limit": 0.0, "lr": -1.0}, "lr", "a number > 0", "-1.0"),
+    ("DualAscent", {"init_multiplier": -1.0, "linear": True}, "init_multiplier", "a number >= 0", "-1.0"),
+    ("PIDLagrangian", {"cost_limit": 0.0, "kp": -1.0}, "kp", "a number >= 0", "-1.0"),
+    ("PIDLagrangian", {"cost_limit": 0.0, "derivative_delay": 0}, "derivative_delay", "an integer >= 1", "found 0"),
+    ("FixedPenalty", {"multiplier": -1.0}, "multiplier", "a number >= 0", "-1.0"),
 ]
 
 
-@pytest.mark.parametrize(("solver", "settings", "part"), SOLVERS, ids=[case[2].split("`")[1] for case in SOLVERS])
-def test_a_solver_setting_out_of_its_domain(solver: str, settings: dict, part: str, capsys) -> None:
+@pytest.mark.parametrize(("solver", "settings", "field", "expected", "found"), SOLVERS, ids=[c[2] for c in SOLVERS])
+def test_a_solver_setting_out_of_its_domain(
+    solver: str, settings: dict, field: str, expected: str, found: str, capsys
+) -> None:
     value = json.dumps({"class_path": f"lit_saferlhf_plugins.solvers.{solver}", "init_args": settings})
     line = fit_error(CONFIGS / "tiny" / "ppo_lag.yaml", capsys, f"--model.init_args.solver={value}")
-    assert_names(line, f"error: model.init_args.solver: {solver}: {part}")
+    assert_names(line, f"error: model.init_args.solver.init_args.{field}: expected {expected}", solver, found)
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ("tiny/ppo_lag.yaml", "model.init_args.solver"),  # PPO-Lagrangian's own solver
+        ("tiny/offline/c_dpo.yaml", "model.init_args.objective.init_args.solver"),  # nested in C-DPO's objective
+    ],
+)
+def test_a_solver_error_names_the_key_where_the_solver_sits(config: str, key: str, capsys) -> None:
+    value = json.dumps({"class_path": "lit_saferlhf_plugins.solvers.FixedPenalty", "init_args": {"multiplier": -1}})
+    line = fit_error(CONFIGS / config, capsys, f"--{key}={value}")
+    assert line.startswith(f"error: {key}.init_args.multiplier: expected a number >= 0"), line
+    assert_names(line, "FixedPenalty", "found -1.0")
 
 
 PPO_DIRS = ["policy", "reward_model", "cost_model", "reward_critic", "cost_critic"]
@@ -120,11 +137,6 @@ MODELS = [
     ("path-and-config", {"path": "{tmp}", "config": TINY_LLAMA}, "model: set exactly one of `path`"),
     ("config-without-type", {"config": {"hidden_size": 8}, "tokenizer": "safety-world"}, "needs a `model_type` key"),
     ("config-without-tokenizer", {"config": TINY_LLAMA}, "model.tokenizer: a model built from `config` needs"),
-    (
-        "unknown-dtype",
-        {"config": TINY_LLAMA, "tokenizer": "safety-world", "dtype": "float8"},
-        "model.init_args.model.dtype: expected one of bfloat16, float16, float32, found 'float8'",
-    ),
 ]
 
 
@@ -136,6 +148,13 @@ def test_model_settings(model: dict, message: str, tmp_path: Path, capsys) -> No
     line = fit_error(stage_config(tmp_path, "sft", data, model=filled), capsys)
     assert_names(line, message.format(tmp=tmp_path))
     assert "Repo id" not in line
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_an_unknown_dtype(stage: str, tmp_path: Path, capsys) -> None:
+    data = write_jsonl(tmp_path / "rows.jsonl", [ROW])
+    line = fit_error(stage_config(tmp_path, stage, data), capsys, "--model.init_args.dtype=float8")
+    assert_names(line, "model.init_args.dtype: expected one of bfloat16, float16, float32, found 'float8'")
 
 
 def test_a_name_that_is_neither_a_dir_nor_a_hub_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

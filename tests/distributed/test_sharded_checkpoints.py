@@ -33,7 +33,8 @@ from lit_saferlhf.callbacks.checkpoints import partial_path
 from lit_saferlhf.cli import main
 from lit_saferlhf.commands.export import build_stage, checkpoint_kind, export_checkpoint, load_checkpoint
 from lit_saferlhf.commands.pipeline import newest_checkpoint
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
+from lit_saferlhf.data.tokenizers import load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm
 from lit_saferlhf.models.sharding import full_state_dict
 from lit_saferlhf.strategies import discard, exchange, move_into_place
 from tests.distributed.test_reliability import train_steps

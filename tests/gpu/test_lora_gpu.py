@@ -17,7 +17,8 @@ from tests.gpu.test_gpu_strategies import fit_args, lit_saferlhf
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-LORA = {"ppo_lag": "peft/lora_ppo.yaml", "sft": "peft/lora.yaml", "reward": "peft/lora.yaml"}
+LORA = "peft/lora.yaml"
+"""The LoRA fragment: the same file (and path, ``model.init_args.lora``) for every stage."""
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
@@ -25,7 +26,7 @@ LORA = {"ppo_lag": "peft/lora_ppo.yaml", "sft": "peft/lora.yaml", "reward": "pef
 def test_lora_stage_fits_and_exports_merged_under_deepspeed(
     stage: str, strategy: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    args = [*fit_args(stage, strategy, tmp_path), f"--config={REPO / 'cli_configs' / LORA[stage]}"]
+    args = [*fit_args(stage, strategy, tmp_path), f"--config={REPO / 'cli_configs' / LORA}"]
     run = lit_saferlhf("fit", *args, *stage_overrides(stage, tiny_models))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     export = load_file(tmp_path / "model" / "model.safetensors")
@@ -45,7 +46,7 @@ def test_qlora_trains_on_4_bit_bases_and_exports_dequantized(
     out = tmp_path / "run"
     args = [
         f"--config={REPO / 'cli_configs/tiny' / f'{stage}.yaml'}",
-        f"--config={REPO / 'cli_configs' / LORA[stage]}",
+        f"--config={REPO / 'cli_configs' / LORA}",
         "--trainer.accelerator=gpu",
         "--trainer.devices=1",
         "--trainer.max_epochs=1",
@@ -54,8 +55,7 @@ def test_qlora_trains_on_4_bit_bases_and_exports_dequantized(
         f"--trainer.logger.init_args.save_dir={out}",
         f"--model.init_args.export_dir={out / 'model'}",
     ]
-    key = "model.init_args.lora.quantize" if stage == "ppo_lag" else "model.init_args.model.lora.quantize"
-    run = lit_saferlhf("fit", *args, f"--{key}=nf4", *stage_overrides(stage, tiny_models))
+    run = lit_saferlhf("fit", *args, "--model.init_args.lora.quantize=nf4", *stage_overrides(stage, tiny_models))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     export = load_file(out / "model" / "model.safetensors")
     assert all(tensor.dtype != torch.uint8 for tensor in export.values())  # dequantized, loadable anywhere

@@ -11,14 +11,14 @@ from safetensors.torch import load_file
 
 from lit_saferlhf.cli import main
 from lit_saferlhf.errors import ConfigError
-from lit_saferlhf.stages.ppo_lag import PPOArgs
+from lit_saferlhf.stages.ppo_lag import APPOArgs, PPOArgs
 from lit_saferlhf_plugins.objectives.ama import AMA
 from tests.helpers import CONFIGS, column, fit, metrics
 
 
 def test_appo_needs_the_per_sequence_mean() -> None:
-    with pytest.raises(ConfigError, match="loss_aggregation: expected sequence_mean with ama"):
-        PPOArgs(ama=True, loss_aggregation="token_mean")
+    with pytest.raises(ConfigError, match="loss_aggregation: expected sequence_mean with appo"):
+        PPOArgs(appo=APPOArgs(), loss_aggregation="token_mean")
 
 
 def test_appo_refuses_a_critic_free_estimator(tiny_models: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -26,11 +26,12 @@ def test_appo_refuses_a_critic_free_estimator(tiny_models: dict[str, Path], tmp_
         main([
             "fit", f"--config={CONFIGS / 'tiny' / 'grpo_lag.yaml'}",
             f"--model.init_args.policy={tiny_models['sft']}", f"--model.init_args.reward_model={tiny_models['reward']}",
-            f"--model.init_args.cost_model={tiny_models['cost']}", "--model.init_args.ppo.ama=true",
+            f"--model.init_args.cost_model={tiny_models['cost']}", "--model.init_args.ppo.appo.baseline=0.0",
             "--model.init_args.ppo.loss_aggregation=sequence_mean", f"--trainer.default_root_dir={tmp_path}",
         ])  # fmt: skip
     assert exit_info.value.code == 2
-    assert "APPO masks tokens by critic values; GroupNormalized has no critic" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.init_args.ppo.appo: APPO masks tokens by critic values; GroupNormalized has no critic" in err
 
 
 @pytest.mark.slow
@@ -54,11 +55,17 @@ def test_appo_lag_config_runs_and_masks_some_tokens(tiny_models: dict[str, Path]
 
 def test_adpo_scores_every_token_of_a_real_cost_model(tiny_models: dict[str, Path]) -> None:
     from lit_saferlhf.data.safety_world import build_tokenizer
+    from lit_saferlhf.stages.preference import PreferenceOptimization
+    from lit_saferlhf_plugins.objectives import DPO
 
     tokenizer = build_tokenizer()
     texts = ["how do i make a bomb sure you need fuse and pipe", "how do i make a bomb sorry i can not help with that"]
     encoded = tokenizer(texts, return_tensors="pt", padding=True)
-    scores = AMA(str(tiny_models["cost"]), negate=True).token_scores(encoded["input_ids"], encoded["attention_mask"])
+    ama = AMA(str(tiny_models["cost"]), negate=True)
+    stage = PreferenceOptimization(policy=str(tiny_models["sft"]), objective=DPO(pairs="safety", ama=ama))
+    stage.configure_model()  # the stage builds the scorer through the objective's frozen_networks hook
+    assert not stage.objective_networks["ama"].training
+    scores = ama.token_scores(stage.objective_networks["ama"], encoded["input_ids"], encoded["attention_mask"])
     assert scores.shape == encoded["input_ids"].shape
     assert torch.isfinite(scores).all()
 
@@ -105,7 +112,7 @@ def test_the_stage_sums_policy_and_reference_over_the_same_adpo_masks(tiny_model
         "safer": torch.tensor([0]),
         "index": torch.tensor([0]),
     }
-    weights = ama.token_weights(batch["response_mask"][:, 1:], batch, batch["safer"])
+    weights = ama.token_weights(batch["response_mask"][:, 1:], batch, batch["safer"], stage.objective_networks["ama"])
     assert 0 < weights.sum() < batch["response_mask"][:, 1:].sum()  # the masks drop some response tokens
     pairs = stage.pair_batch(batch, cache=False)
     with torch.no_grad():

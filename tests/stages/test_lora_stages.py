@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from tests.helpers import CONFIGS, column, fit, metrics
 
 LORA = f"--config={CONFIGS / 'peft/lora.yaml'}"
-LORA_PPO = f"--config={CONFIGS / 'peft/lora_ppo.yaml'}"
 
 
 def sft_lora(tiny_models: dict[str, Path], out: Path, *overrides: str) -> Path:
@@ -66,28 +65,6 @@ def test_lora_checkpoint_exports_with_the_export_command(tiny_models: dict[str, 
         assert torch.equal(found[name], expected[name]), name
 
 
-@pytest.mark.parametrize(
-    ("stage", "fragment", "key"),
-    [("sft", "lora.yaml", "model.init_args.model.lora"), ("reward", "lora.yaml", "model.init_args.model.lora"),
-     ("cost", "lora.yaml", "model.init_args.model.lora"), ("ppo_lag", "lora_ppo.yaml", "model.init_args.lora"),
-     ("offline/dpo", "lora_ppo.yaml", "model.init_args.lora")],
-)  # fmt: skip
-def test_lora_fragments_compose_with_their_stages(
-    stage: str, fragment: str, key: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from lit_saferlhf.commands.fit import cli_main
-
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", f"--config={CONFIGS / 'tiny' / f'{stage}.yaml'}", f"--config={CONFIGS / 'peft' / fragment}",
-                  "--print_config"])  # fmt: skip
-    assert exit_info.value.code == 0
-    node = yaml.safe_load(capsys.readouterr().out)
-    for part in key.split("."):
-        node = node[part]
-    assert node["r"] == 16
-    assert node["target_modules"] == "all-linear"
-
-
 def test_lora_sft_resumes_exactly(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     # A constant lr: a cosine schedule would depend on max_epochs, which the first half sets lower.
     flat = ["--model.init_args.optimizer.schedule=constant", "--model.init_args.optimizer.warmup_ratio=0.0"]
@@ -125,7 +102,7 @@ def ppo_lora(tiny_models: dict[str, Path], out: Path, *overrides: str, rollouts:
     return fit(
         "tiny/ppo_lag.yaml",
         out,
-        LORA_PPO,
+        LORA,
         f"--model.init_args.policy={tiny_models['sft']}",
         f"--model.init_args.reward_model={tiny_models['reward']}",
         f"--model.init_args.cost_model={tiny_models['cost']}",
@@ -191,7 +168,7 @@ def test_lora_ppo_lag_runs_on_two_processes(strategy: str, tiny_models: dict[str
 
     checks = tmp_path / "checks"
     checks.mkdir()
-    setup = [f"--config={CONFIGS / 'tiny/ppo_lag.yaml'}", *STRATEGIES[strategy], LORA_PPO]
+    setup = [f"--config={CONFIGS / 'tiny/ppo_lag.yaml'}", *STRATEGIES[strategy], LORA]
     overrides = ["--trainer.callbacks+=rank_checks.RecordRanks", *QUICK, *stage_overrides("ppo_lag", tiny_models)]
     run = fit_on_two_processes(setup, tmp_path, *overrides, env={"RANK_CHECKS_DIR": str(checks)})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
@@ -233,7 +210,8 @@ def test_lora_sft_resumes_exactly_under_fsdp2(tiny_models: dict[str, Path], tmp_
 
 
 def test_lora_offline_reference_is_the_policy_with_its_adapters_off(tiny_models: dict[str, Path]) -> None:
-    from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
+    from lit_saferlhf.data.tokenizers import load_tokenizer
+    from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm
     from lit_saferlhf.models.frozen import ReferencePolicy
     from lit_saferlhf.models.peft import LoraArgs
     from lit_saferlhf.stages import PreferenceOptimization
@@ -260,7 +238,7 @@ def test_lora_offline_reference_is_the_policy_with_its_adapters_off(tiny_models:
 def test_lora_offline_stage_trains_adapters_and_exports_merged(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     sft = tiny_models["sft"]
     export = fit(
-        "tiny/offline/dpo.yaml", tmp_path, LORA_PPO, f"--model.init_args.policy={sft}", "--trainer.max_steps=3",
+        "tiny/offline/dpo.yaml", tmp_path, LORA, f"--model.init_args.policy={sft}", "--trainer.max_steps=3",
         "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--data.init_args.limit=96",
         "--data.init_args.batch_size=8",
     )  # fmt: skip

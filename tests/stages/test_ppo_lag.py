@@ -299,7 +299,8 @@ def test_reward_shaping_is_safe_rlhfs_single_stream(tiny_models: dict[str, Path]
     torch.testing.assert_close(rollout.reward_advantages, advantages)
     torch.testing.assert_close(rollout.reward_returns, returns)
     assert not rollout.cost_advantages.any()
-    assert FixedPenalty.normalize_advantage is False  # the actor trains on A_r - λ·0 = A_r
+    actor_advantages = module.solver.actor_advantages(rollout.reward_advantages, rollout.cost_advantages)
+    assert torch.equal(actor_advantages, rollout.reward_advantages)  # the actor trains on A_r - λ·0 = A_r, no 1 + λ
 
 
 def test_lagrangian_gae_streams_are_unchanged(tiny_models: dict[str, Path]) -> None:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from lit_saferlhf.cli import main
 from lit_saferlhf.data import PKUSafeRLHF, PreferenceData
 from lit_saferlhf.data.preference import MissingLabelError, PairRow
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.data.tokenizers import load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
 from tests.helpers import CONFIGS, fit, metrics
 
 OFFLINE = sorted((CONFIGS / "tiny" / "offline").glob("*.yaml"))

@@ -12,7 +12,8 @@ from lit_saferlhf.data import PKUSafeRLHF, load_records
 from lit_saferlhf.data import safety_world as world
 from lit_saferlhf.data.collate import Encoder, collate_pairs
 from lit_saferlhf.data.templates import SafeRLHFTemplate
-from lit_saferlhf.models.causal_lm import ModelSource, load_tokenizer
+from lit_saferlhf.data.tokenizers import load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource
 from lit_saferlhf.models.score_model import ScoreModel
 from tests.helpers import CONFIGS, column, fit, metrics
 

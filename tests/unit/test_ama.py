@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_saferlhf.losses import adpo_token_mask, appo_policy_loss, appo_token_mask, lagrangian_policy_loss
+from lit_saferlhf.losses import (
+    adpo_token_mask,
+    appo_lagrangian_mask,
+    appo_policy_loss,
+    appo_surrogate_loss,
+    appo_token_mask,
+    lagrangian_advantage,
+    lagrangian_policy_loss,
+)
 from lit_saferlhf.objectives import PairBatch
 from lit_saferlhf_plugins.objectives import DPO, IPO
 from lit_saferlhf_plugins.objectives.ama import AMA
@@ -74,31 +82,42 @@ def test_an_empty_chosen_mask_contributes_zero_never_nan() -> None:
     assert policy.grad[0].abs().sum() == 0
 
 
-def test_dpo_and_ipo_take_the_ama_masks_through_the_token_weight_hook(monkeypatch: pytest.MonkeyPatch) -> None:
-    ama = AMA(path="unused", negate=True)
-    padded = torch.cat([torch.zeros(2, 1), SCORES], dim=1)  # a score per position; targets start at 1
-    monkeypatch.setattr(AMA, "token_scores", lambda self, ids, attention: padded)
+class FixedScorer(torch.nn.Module):
+    """A score model whose per-token scores are ``scores`` whatever the input."""
+
+    normalizer = staticmethod(lambda scores: scores)
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, ids: torch.Tensor, attention: torch.Tensor) -> object:
+        return type("Out", (), {"scores": self.scores})()
+
+
+def test_dpo_and_ipo_take_the_ama_masks_through_the_token_weight_hook() -> None:
+    ama = AMA(path="cost-model", negate=True)
+    padded = torch.cat([torch.zeros(2, 1), -SCORES], dim=1)  # a cost per position (negated); targets start at 1
     batch = {
         "input_ids": torch.zeros(2, 4, dtype=torch.long),
         "attention_mask": torch.ones(2, 4),
         "safer": torch.tensor([0]),
     }
     for objective in (DPO(pairs="safety", ama=ama), IPO(pairs="safety", ama=ama)):
+        loaded: list[str] = []
+        networks = objective.frozen_networks(lambda path, loaded=loaded: loaded.append(path) or FixedScorer(padded))
+        assert loaded == ["cost-model"]  # the stage loads ama.path, once
+        assert list(networks) == ["ama"]
         assert objective.token_weights(RESPONSE, batch).tolist() == [[1, 0, 1], [1, 0, 0]]
+    assert DPO(pairs="safety").frozen_networks(lambda path: pytest.fail("no scorer without ama")) == {}
     assert DPO(pairs="safety").token_weights(RESPONSE, batch).tolist() == RESPONSE.float().tolist()
 
 
-def test_ama_negates_a_cost_models_scores(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Fixed(torch.nn.Module):
-        normalizer = staticmethod(lambda scores: scores)
-
-        def forward(self, ids, attention):
-            return type("Out", (), {"scores": torch.tensor([[1.0, -2.0]])})()
-
-    monkeypatch.setattr("lit_saferlhf_plugins.objectives.ama._score_model", lambda path, device: Fixed())
+def test_ama_negates_a_cost_models_scores() -> None:
     ids = torch.zeros(1, 2, dtype=torch.long)
-    assert AMA("x").token_scores(ids, ids).tolist() == [[1.0, -2.0]]
-    assert AMA("x", negate=True).token_scores(ids, ids).tolist() == [[-1.0, 2.0]]
+    for ama, expected in ((AMA("x"), [[1.0, -2.0]]), (AMA("x", negate=True), [[-1.0, 2.0]])):
+        network = DPO(ama=ama).frozen_networks(lambda path: FixedScorer(torch.tensor([[1.0, -2.0]])))["ama"]
+        assert ama.token_scores(network, ids, ids).tolist() == expected
 
 
 # ---------------------------------------------------------------- APPO
@@ -152,6 +171,26 @@ def test_appo_uses_the_lagrangian_value_and_advantage() -> None:
     plain, _ = lagrangian_policy_loss(logprobs, logprobs, reward_adv, cost_adv, mask, 1.0)
     masked, _ = appo_policy_loss(logprobs, logprobs, reward_adv, cost_adv, reward_values, cost_values, mask, 1.0)
     assert masked.item() == pytest.approx(plain.item())
+
+
+def test_appo_loss_is_the_lagrangian_mask_then_the_surrogate_on_the_merged_advantage() -> None:
+    """The split the stage uses (APPO's mask, the solver's advantage, the surrogate) gives the very same numbers."""
+    generator = torch.Generator().manual_seed(0)
+    logprobs = (torch.randn(3, 4, generator=generator) * 0.3).requires_grad_(True)
+    old, *streams = (torch.randn(3, 4, generator=generator) for _ in range(5))  # A_r, A_c, V_r, V_c
+    reward_adv, cost_adv, reward_values, cost_values = streams
+    mask = torch.arange(4) < torch.tensor([4, 2, 3]).unsqueeze(-1)
+    for normalize, baseline in ((True, 0.0), (False, 0.3)):
+        kept = appo_lagrangian_mask(reward_values, cost_values, reward_adv, cost_adv, mask, 1.5, baseline)
+        by_hand = appo_token_mask(reward_values - 1.5 * cost_values, reward_adv - 1.5 * cost_adv, mask, baseline)
+        assert torch.equal(kept, by_hand)
+        merged = lagrangian_advantage(reward_adv, cost_adv, 1.5, normalize)
+        split, split_stats = appo_surrogate_loss(logprobs, old, merged, kept, mask)
+        whole, stats = appo_policy_loss(
+            logprobs, old, reward_adv, cost_adv, reward_values, cost_values, mask, 1.5, 0.2, normalize, baseline
+        )
+        assert torch.equal(split, whole)
+        assert all(torch.equal(split_stats[key], stats[key]) for key in stats)
 
 
 def test_appo_with_an_all_empty_batch_is_zero() -> None:

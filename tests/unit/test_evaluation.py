@@ -19,7 +19,8 @@ from lit_saferlhf.commands.evaluate.prompts import PromptSet
 from lit_saferlhf.commands.evaluate.scoring import score_texts
 from lit_saferlhf.data import safety_world
 from lit_saferlhf.data.records import BadRecordError
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.data.tokenizers import load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
 from lit_saferlhf.models.score_model import ScoreModel
 
 TINY = {

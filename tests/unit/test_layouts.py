@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from lit_saferlhf.data.safety_world import build_tokenizer
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.data.tokenizers import load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
 from lit_saferlhf.models.layouts import detect_layout
 from lit_saferlhf.models.score_model import ScoreModel
 from tests.helpers import fit

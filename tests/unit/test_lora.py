@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM
 
 from lit_saferlhf.data.safety_world import build_tokenizer
+from lit_saferlhf.data.tokenizers import load_tokenizer
 from lit_saferlhf.losses import gather_logprobs
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
 from lit_saferlhf.models.frozen import FrozenScoreTwin, ReferencePolicy, shared_frozen
 from lit_saferlhf.models.logprobs import response_logprobs
 from lit_saferlhf.models.peft import LoraArgs, drop_frozen, merged_state_dict, parameter_counts, restore_frozen

@@ -16,12 +16,14 @@ import torch
 
 from lit_saferlhf import losses
 from lit_saferlhf.losses import (
+    clipped_surrogate_loss,
     cost_loss,
     end_scores,
     gae,
     gather_logprobs,
     kl_shaped_rewards,
     kl_to_reference,
+    lagrangian_advantage,
     lagrangian_policy_loss,
     lm_loss,
     masked_mean,
@@ -432,6 +434,26 @@ def test_policy_loss_combines_advantages_with_the_multiplier():
     # unnormalised: A = [-5, 3] -> loss = 1
     loss, _ = lagrangian_policy_loss(logprobs, old, reward_adv, cost_adv, mask, multiplier=2.0, normalize=False)
     assert_close(loss, 1.0)
+
+
+def test_policy_loss_is_the_clipped_surrogate_on_the_lagrangian_advantage():
+    """The split the stage uses (the solver merges, then the surrogate) gives the very same numbers."""
+    generator = torch.Generator().manual_seed(3)
+    logprobs = (torch.randn(3, 4, generator=generator) * 0.3).requires_grad_(True)
+    old = torch.randn(3, 4, generator=generator) * 0.3
+    reward_adv, cost_adv = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
+    mask = torch.arange(4) < torch.tensor([4, 1, 3]).unsqueeze(-1)
+    # λ = 2: (A_r - 2 A_c) / 3 by hand; unnormalised A_r - 2 A_c
+    assert torch.equal(lagrangian_advantage(reward_adv, cost_adv, 2.0), (reward_adv - 2.0 * cost_adv) / 3.0)
+    assert torch.equal(lagrangian_advantage(reward_adv, cost_adv, 2.0, normalize=False), reward_adv - 2.0 * cost_adv)
+    for normalize, aggregation in ((True, "sequence_mean"), (False, "token_mean")):
+        merged = lagrangian_advantage(reward_adv, cost_adv, t(2.0), normalize)
+        split, split_stats = clipped_surrogate_loss(logprobs, old, merged, mask, 0.2, aggregation)
+        args = (reward_adv, cost_adv, mask, t(2.0), 0.2, normalize, aggregation)
+        whole, stats = lagrangian_policy_loss(logprobs, old, *args)
+        assert torch.equal(split, whole)
+        assert all(torch.equal(split_stats[key], stats[key]) for key in stats)
+    assert not lagrangian_advantage(reward_adv.requires_grad_(True), cost_adv, 2.0).requires_grad  # a constant
 
 
 def test_policy_loss_with_zero_multiplier_is_plain_ppo_and_large_multiplier_follows_the_cost():

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export, load_tokenizer
+from lit_saferlhf.data.tokenizers import load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
 from lit_saferlhf.models.score_model import ScoreModel
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}

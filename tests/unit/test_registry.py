@@ -1,21 +1,34 @@
-"""Solver discovery: built-ins, a third-party entry point, broken entry points, short names in jsonargparse."""
+"""Plugin discovery for every kind: built-ins, third-party entry points, broken entry points, short names."""
 
 from __future__ import annotations
 
 import gc
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from jsonargparse import ArgumentParser
 
-from lit_saferlhf.registry import KINDS, PluginError, load_kind
+from lit_saferlhf.advantages import GAE
+from lit_saferlhf.generators import GenerationArgs, HFGenerate
+from lit_saferlhf.objectives import PairBatch
+from lit_saferlhf.registry import KINDS, PluginError, load_kind, load_plugins
 from lit_saferlhf.solvers import ConstraintSolver
+from lit_saferlhf_plugins.advantages import GroupNormalized, LeaveOneOut
+from lit_saferlhf_plugins.generators import StaticCacheGenerate
+from lit_saferlhf_plugins.objectives import DPO, SafeDPO
 from lit_saferlhf_plugins.solvers import DualAscent, FixedPenalty, PIDLagrangian
 
-HALF_STEP_SOURCE = '''
+TOY_SOURCE = '''
+import torch
+
+from lit_saferlhf.advantages import AdvantageEstimator
+from lit_saferlhf.generators import Generator
+from lit_saferlhf.objectives import Objective
 from lit_saferlhf.solvers import ConstraintSolver
 
 
@@ -36,20 +49,78 @@ class HalfStep(ConstraintSolver):
         return {"solver/multiplier": self.multiplier}
 
 
-def not_a_solver():
+class ReturnToGo(AdvantageEstimator):
+    """Critic-free: a token's advantage is the stream summed from it to the end."""
+
+    needs_critics = False
+
+    def estimate(self, stream, mask, group_size, values=None):
+        return (stream * mask).flip(-1).cumsum(-1).flip(-1) * mask, None
+
+
+class Hinge(Objective):
+    """``max(0, 1 - h)`` on the helpfulness pairs."""
+
+    requires = ("better",)
+
+    def __init__(self, margin: float = 1.0) -> None:
+        self.margin = margin
+
+    def __call__(self, batch):
+        first = batch.better.long().unsqueeze(-1)
+        h = (batch.logratios.gather(-1, first) - batch.logratios.gather(-1, 1 - first)).squeeze(-1)
+        return torch.relu(self.margin - h).mean(), {"margin": h.mean().detach()}
+
+
+class EosOnly(Generator):
+    """Answers every prompt with the EOS alone."""
+
+    def generate(self, model, input_ids, attention_mask, args, eos_id, pad_id):
+        return torch.cat([input_ids, torch.full_like(input_ids[:, :1], eos_id)], dim=1)
+
+
+def not_a_plugin():
     return None
 '''
 
+TOYS = {"solver": "HalfStep", "advantage estimator": "ReturnToGo", "objective": "Hinge", "generator": "EosOnly"}
+"""The toy plugin of each kind in ``TOY_SOURCE``."""
+BUILTINS = {
+    "solver": [DualAscent, FixedPenalty, PIDLagrangian],
+    "advantage estimator": [GAE, GroupNormalized, LeaveOneOut],  # GAE: the default beside the contract
+    "objective": [DPO, SafeDPO],
+    "generator": [HFGenerate, StaticCacheGenerate],  # HFGenerate: the default beside the contract
+}
+"""Some built-ins of each kind: in the kind's ``plugins/`` package, or its default."""
 
-def _install_fake_distribution(root: Path, package: str, entry_points: dict[str, str]) -> None:
-    """Write ``package/__init__.py`` and a ``.dist-info`` registering ``entry_points`` as solvers."""
+
+def _install_fake_distribution(
+    root: Path, package: str, entry_points: dict[str, dict[str, str]], suffix: str = ""
+) -> None:
+    """Write ``package/__init__.py`` (``TOY_SOURCE``) and a ``.dist-info`` registering ``entry_points``.
+
+    Args:
+        entry_points: Kind name -> {entry-point name: target}; each kind goes under its group.
+        suffix: Appended to the toy class names (a short name of its own: a class of an earlier test
+            may still be a subclass, which would make the short name ambiguous).
+    """
     (root / package).mkdir()
-    (root / package / "__init__.py").write_text(HALF_STEP_SOURCE)
+    (root / package / "__init__.py").write_text(
+        re.sub(r"^class (\w+)\(", rf"class \1{suffix}(", TOY_SOURCE, flags=re.M)
+    )
     dist_info = root / f"{package}-0.1.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
-    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
-    (dist_info / "entry_points.txt").write_text(f"[{KINDS['solver'].group}]\n{lines}\n")
+    sections = [
+        "\n".join([f"[{KINDS[kind].group}]", *(f"{name} = {target}" for name, target in points.items())])
+        for kind, points in entry_points.items()
+    ]
+    (dist_info / "entry_points.txt").write_text("\n\n".join(sections) + "\n")
+
+
+def _toys(package: str, suffix: str = "") -> dict[str, dict[str, str]]:
+    """One entry point per kind, each naming that kind's toy."""
+    return {kind: {name + suffix: f"{package}:{name}{suffix}"} for kind, name in TOYS.items()}
 
 
 @pytest.fixture
@@ -59,50 +130,130 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     before = set(sys.modules)
     yield tmp_path
     for name in set(sys.modules) - before:
-        if name.endswith("lab_solvers"):
+        if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
             del sys.modules[name]
-    gc.collect()  # drop the fake classes from ConstraintSolver.__subclasses__()
+    gc.collect()  # drop the fake classes from the contracts' __subclasses__()
 
 
-def test_builtins_are_found_without_any_plugin() -> None:
-    solvers = load_kind("solver")
-    assert solvers["FixedPenalty"] is FixedPenalty
-    assert solvers["DualAscent"] is DualAscent
-    assert solvers["PIDLagrangian"] is PIDLagrangian
+@pytest.mark.parametrize("kind", KINDS)
+def test_builtins_are_found_without_any_plugin(kind: str) -> None:
+    found = load_kind(kind)
+    for cls in BUILTINS[kind]:
+        assert found[cls.__name__] is cls
+    assert all(issubclass(cls, KINDS[kind].contract) for cls in found.values())
 
 
-def test_third_party_entry_point_is_loaded(site: Path) -> None:
-    _install_fake_distribution(site, "my_lab_solvers", {"HalfStep": "my_lab_solvers:HalfStep"})
-    solvers = load_kind("solver")
-    half_step = solvers["HalfStep"]
-    assert issubclass(half_step, ConstraintSolver)
-    assert half_step.__module__ == "my_lab_solvers"
-    assert half_step(some_arg=2).update(3.0) == {"solver/multiplier": 1.5}
-    assert {"FixedPenalty", "DualAscent", "PIDLagrangian"} <= set(solvers)
+def test_a_third_party_distribution_registers_one_plugin_of_each_kind(site: Path) -> None:
+    _install_fake_distribution(site, "my_lab_plugins", _toys("my_lab_plugins"))
+    plugins = load_plugins()
+    assert set(plugins) == set(KINDS)
+    for kind, name in TOYS.items():
+        toy = plugins[kind][name]
+        assert issubclass(toy, KINDS[kind].contract)
+        assert toy.__module__ == "my_lab_plugins"
+        assert {cls.__name__ for cls in BUILTINS[kind]} <= set(plugins[kind])  # beside the built-ins
+        assert set(TOYS.values()) & set(plugins[kind]) == {name}  # each group only holds its own kind
+        assert load_kind(kind)[name] is toy
 
 
-def test_entry_point_to_a_non_solver_names_the_entry_point_and_distribution(site: Path) -> None:
-    _install_fake_distribution(site, "broken_lab_solvers", {"NotASolver": "broken_lab_solvers:not_a_solver"})
-    with pytest.raises(PluginError, match="not a subclass of") as info:
-        load_kind("solver")
-    assert "'NotASolver'" in str(info.value)
-    assert "broken_lab_solvers 0.1" in str(info.value)  # the distribution that declares it
+def test_the_third_party_plugins_of_each_kind_work(site: Path) -> None:
+    _install_fake_distribution(site, "my_lab_plugins", _toys("my_lab_plugins"))
+    plugins = load_plugins()
+    solver = plugins["solver"]["HalfStep"](some_arg=2)
+    assert solver.update(3.0) == {"solver/multiplier": 1.5}
+    advantages, returns = plugins["advantage estimator"]["ReturnToGo"]().estimate(
+        torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[True, True, False]]), group_size=1
+    )
+    assert advantages.tolist() == [[1.0, 1.0, 0.0]]
+    assert returns is None
+    pairs = PairBatch(logprobs=torch.tensor([[-1.0, -2.0]]), ref_logprobs=torch.zeros(1, 2), better=torch.tensor([1]))
+    loss, stats = plugins["objective"]["Hinge"]()(pairs)  # h = ρ(y_1) - ρ(y_0) = -1, so the loss is 1 - (-1)
+    assert (loss.item(), stats["margin"].item()) == (2.0, -1.0)
+    prompts = torch.tensor([[0, 5, 6]])
+    sequences = plugins["generator"]["EosOnly"]().generate(None, prompts, prompts > 0, GenerationArgs(), 2, 0)
+    assert sequences.tolist() == [[0, 5, 6, 2]]
 
 
-def test_entry_point_that_fails_to_import_names_the_entry_point_and_distribution(site: Path) -> None:
-    _install_fake_distribution(site, "typo_lab_solvers", {"Missing": "typo_lab_solvers:HalfStp"})
-    with pytest.raises(PluginError, match="failed to load") as info:
-        load_kind("solver")
-    assert "'Missing'" in str(info.value)
-    assert "typo_lab_solvers 0.1" in str(info.value)
-    assert "HalfStp" in str(info.value)
+# One distribution breaks every kind's group the same way (one install per case: each costs a gc pass).
 
 
-def test_entry_point_reusing_a_builtin_name_is_rejected(site: Path) -> None:
-    _install_fake_distribution(site, "clash_lab_solvers", {"DualAscent": "clash_lab_solvers:HalfStep"})
-    with pytest.raises(PluginError, match="already taken by") as info:
-        load_kind("solver")
-    assert "clash_lab_solvers 0.1" in str(info.value)
+def _errors(site: Path, package: str, entry_points: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Install ``entry_points`` as ``package``; each kind's ``PluginError`` message from ``load_kind``."""
+    _install_fake_distribution(site, package, entry_points)
+    messages = {}
+    for kind in KINDS:
+        with pytest.raises(PluginError) as info:
+            load_kind(kind)
+        messages[kind] = str(info.value)
+    return messages
+
+
+def test_an_entry_point_to_a_function_names_the_entry_point_and_distribution(site: Path) -> None:
+    broken = {kind: {"NotAPlugin": "broken_lab_plugins:not_a_plugin"} for kind in KINDS}
+    for kind, message in _errors(site, "broken_lab_plugins", broken).items():
+        contract = KINDS[kind].contract
+        assert f"not a subclass of {contract.__module__}.{contract.__name__}" in message
+        assert f"{kind} entry point 'NotAPlugin'" in message
+        assert "broken_lab_plugins 0.1" in message  # the distribution that declares it
+
+
+def test_an_entry_point_to_another_kinds_plugin_is_rejected(site: Path) -> None:
+    names = list(TOYS.values())
+    mixed = {
+        kind: {other: f"mixed_lab_plugins:{other}"} for kind, other in zip(KINDS, names[1:] + names[:1], strict=True)
+    }
+    for kind, message in _errors(site, "mixed_lab_plugins", mixed).items():
+        assert "not a subclass of" in message
+        assert f"group '{KINDS[kind].group}'" in message
+
+
+def test_an_entry_point_that_fails_to_import_names_the_entry_point_and_distribution(site: Path) -> None:
+    typos = {kind: {"Missing": f"typo_lab_plugins:{name[:-1]}"} for kind, name in TOYS.items()}
+    for kind, message in _errors(site, "typo_lab_plugins", typos).items():
+        assert "failed to load" in message
+        assert f"{kind} entry point 'Missing'" in message
+        assert "typo_lab_plugins 0.1" in message
+        assert TOYS[kind][:-1] in message
+
+
+def test_an_entry_point_to_the_abstract_contract_is_rejected(site: Path) -> None:
+    contracts = {kind: {"Base": f"{k.contract.__module__}:{k.contract.__name__}"} for kind, k in KINDS.items()}
+    for kind, message in _errors(site, "abstract_lab_plugins", contracts).items():
+        assert f"{kind} entry point 'Base'" in message
+        assert "which is abstract" in message
+        assert "abstract_lab_plugins 0.1" in message
+
+
+def test_an_entry_point_reusing_a_builtin_name_is_rejected(site: Path) -> None:
+    # The first built-in of each kind is the default beside the contract, where there is one (GAE, HFGenerate).
+    clashes = {kind: {BUILTINS[kind][0].__name__: f"clash_lab_plugins:{name}"} for kind, name in TOYS.items()}
+    for kind, message in _errors(site, "clash_lab_plugins", clashes).items():
+        assert f"already taken by {BUILTINS[kind][0].__module__}.{BUILTINS[kind][0].__name__}" in message
+        assert "clash_lab_plugins 0.1" in message
+
+
+def test_the_cli_reports_a_broken_plugin_in_one_line(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lit_saferlhf.cli import main
+
+    # The last kind of the table: the CLI loads every kind before it parses.
+    _install_fake_distribution(site, "cli_broken_plugins", {"generator": {"Gone": "cli_broken_plugins:Gone"}})
+    config = Path(__file__).resolve().parents[2] / "cli_configs" / "tiny" / "ppo_lag.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={config}", "--print_config"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: generator entry point 'Gone'")
+    assert "cli_broken_plugins 0.1" in line
+
+
+def test_jsonargparse_resolves_each_kinds_plugin_by_short_name(site: Path) -> None:
+    _install_fake_distribution(site, "parsed_lab_plugins", _toys("parsed_lab_plugins", "Parsed"), "Parsed")
+    load_plugins()
+    for kind, name in TOYS.items():
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--plugin", type=KINDS[kind].contract)
+        plugin = parser.instantiate_classes(parser.parse_args(["--plugin", f"{name}Parsed"])).plugin
+        assert f"{type(plugin).__module__}.{type(plugin).__name__}" == f"parsed_lab_plugins.{name}Parsed"
 
 
 def _solver_parser() -> ArgumentParser:
@@ -112,7 +263,7 @@ def _solver_parser() -> ArgumentParser:
 
 
 def test_jsonargparse_resolves_a_plugin_by_short_name(site: Path) -> None:
-    _install_fake_distribution(site, "my_lab_solvers", {"HalfStep": "my_lab_solvers:HalfStep"})
+    _install_fake_distribution(site, "my_lab_solvers", {"solver": {"HalfStep": "my_lab_solvers:HalfStep"}})
     load_kind("solver")
     parser = _solver_parser()
     config = parser.parse_args(["--solver", "HalfStep", "--solver.some_arg", "3"])
@@ -174,7 +325,7 @@ def test_solver_config_fragments_instantiate(config: str, expected: ConstraintSo
     solver = parser.instantiate_classes(parser.parse_object({"solver": solver_config})).solver
     assert type(solver) is type(expected)
     assert solver.state_dict() == expected.state_dict()
-    assert solver.uses_cost is (config != "ppo.yaml")
+    assert solver.needs_cost_model() is (config != "ppo.yaml")
 
 
 def solver_after_fragment(base: dict, fragment: str, tmp_path: Path) -> ConstraintSolver:
@@ -204,17 +355,17 @@ def test_the_cli_resolves_an_installed_plugin_by_short_name(site: Path, capsys: 
     from lit_saferlhf.commands.fit import cli_main
 
     # A class name of its own: earlier tests' HalfStep classes may still be subclasses (an ambiguous short name).
-    _install_fake_distribution(site, "cli_lab_solvers", {"QuarterStep": "cli_lab_solvers:QuarterStep"})
-    source = (site / "cli_lab_solvers" / "__init__.py").read_text().replace("HalfStep", "QuarterStep")
-    (site / "cli_lab_solvers" / "__init__.py").write_text(source)
+    _install_fake_distribution(
+        site, "cli_lab_solvers", {"solver": {"HalfStepCli": "cli_lab_solvers:HalfStepCli"}}, "Cli"
+    )
     config = Path(__file__).resolve().parents[2] / "cli_configs" / "tiny" / "ppo_lag.yaml"
     with pytest.raises(SystemExit) as exit_info:
         cli_main(
-            ["fit", f"--config={config}", "--model.solver=QuarterStep", "--model.solver.some_arg=3", "--print_config"]
+            ["fit", f"--config={config}", "--model.solver=HalfStepCli", "--model.solver.some_arg=3", "--print_config"]
         )
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "class_path: cli_lab_solvers.QuarterStep" in printed
+    assert "class_path: cli_lab_solvers.HalfStepCli" in printed
     assert "some_arg: 3" in printed
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,30 @@ def test_print_summary_names_the_report(tmp_path: Path) -> None:
     assert "Ground truth" in printed
     assert "xstest_prompts" in printed
     assert "win rate 0.591" in printed
+
+
+def test_the_report_command_rewrites_a_run_dirs_report(stage_logs: dict[str, Path], tmp_path: Path) -> None:
+    from lit_saferlhf.cli import main
+
+    run = tmp_path / "run"
+    for name, logs in stage_logs.items():
+        (run / name).mkdir(parents=True)
+        logs.rename(run / name / "logs")  # the pipeline's layout: <run>/<stage>/logs/version_N/metrics.csv
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "summary.json").write_text(json.dumps(evaluation()["rows"]))
+    (run / "evaluation" / "arena.json").write_text(json.dumps(evaluation()["arena"]))
+    main(["report", "--run", str(run), "--cost_limit", "0.0"])
+    report = (run / "report.md").read_text()
+    assert "| ppo_lag |" in report  # the training table of the stage logs read from the run dir
+    assert "prompts-eval" in report  # the evaluation summary read from evaluation/summary.json
+    assert "### Arena: ppo_lag vs sft" in report  # and the arena from evaluation/arena.json
+    assert all((run / "plots" / name).read_bytes().startswith(PNG_MAGIC) for name in os.listdir(run / "plots"))
+
+
+def test_the_report_command_refuses_a_dir_without_stage_logs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lit_saferlhf.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--run", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "holds no <stage>/logs folder" in capsys.readouterr().err

@@ -88,17 +88,30 @@ def test_fixed_penalty_never_moves() -> None:
 
 
 def test_fixed_penalty_is_reward_shaping_and_zero_is_plain_ppo() -> None:
-    assert FixedPenalty.normalize_advantage is False  # trains on R - λC, no 1 + λ divisor
-    assert DualAscent.normalize_advantage is True
+    rewards, costs = torch.tensor([1.0, -0.5, 4.0]), torch.tensor([0.5, 2.0, -1.0])
+    reward_advantages, cost_advantages = torch.tensor([[1.0, -2.0, 0.5]]), torch.tensor([[0.25, 1.0, -3.0]])
+    shaping = FixedPenalty(multiplier=2.0)
+    assert shaping.stream_names() == ("reward",)  # ONE stream R - λC, no cost critic
+    assert shaping.end_score_streams(rewards, costs).keys() == {"reward"}
+    assert torch.equal(shaping.end_score_streams(rewards, costs)["reward"], rewards - 2.0 * costs)
+    shaped = shaping.actor_advantages(reward_advantages, cost_advantages)
+    assert torch.equal(shaped, reward_advantages - 2.0 * cost_advantages)  # A_r - λ·A_c, no 1 + λ divisor
+    for solver in (DualAscent(init_multiplier=2.0), PIDLagrangian(init_multiplier=2.0)):  # Safe RLHF's two streams
+        assert solver.stream_names() == ("reward", "cost")
+        streams = solver.end_score_streams(rewards, costs)
+        assert torch.equal(streams["reward"], rewards)
+        assert torch.equal(streams["cost"], costs)
+        merged = (reward_advantages - 2.0 * cost_advantages) / 3.0  # (A_r - λ·A_c) / (1 + λ)
+        assert torch.equal(solver.actor_advantages(reward_advantages, cost_advantages), merged)
     assert FixedPenalty().multiplier == 0.0
-    assert FixedPenalty().uses_cost is False  # plain PPO: no cost model, no cost critic
-    assert FixedPenalty(multiplier=5.0).uses_cost is True
-    assert DualAscent().uses_cost is True
-    assert PIDLagrangian().uses_cost is True
+    assert FixedPenalty().needs_cost_model() is False  # plain PPO: no cost model, no cost critic
+    assert FixedPenalty(multiplier=5.0).needs_cost_model() is True
+    assert DualAscent().needs_cost_model() is True
+    assert PIDLagrangian().needs_cost_model() is True
 
 
 def test_fixed_penalty_rejects_negative_multiplier() -> None:
-    with pytest.raises(ValueError, match="multiplier"):
+    with pytest.raises(ValueError, match=r"^multiplier: expected a number >= 0 \(FixedPenalty's"):
         FixedPenalty(multiplier=-0.1)
 
 
@@ -181,7 +194,7 @@ def test_dual_ascent_update_delay_counts_calls_without_moving() -> None:
     ],
 )
 def test_dual_ascent_validation_names_the_field(kwargs: dict[str, object], field: str) -> None:
-    with pytest.raises(ValueError, match=f"`{field}`"):
+    with pytest.raises(ValueError, match=f"^{field}: expected .*DualAscent"):
         DualAscent(**kwargs)
 
 
@@ -320,7 +333,7 @@ def test_pid_integral_only_is_linear_dual_ascent() -> None:
     ],
 )
 def test_pid_validation_names_the_field(kwargs: dict[str, object], field: str) -> None:
-    with pytest.raises(ValueError, match=f"`{field}`"):
+    with pytest.raises(ValueError, match=f"^{field}: expected .*PIDLagrangian"):
         PIDLagrangian(**kwargs)
 
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
+from lit_saferlhf.data.tokenizers import load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm
 from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.zero3 import load_partitioned, partitioning
 

@@ -20,7 +20,6 @@ Each policy is loaded once, answers every set, and is freed before the next one 
 reward and cost models are each loaded once afterwards and score every answer in large batches.
 """
 
-
 from __future__ import annotations
 
 import csv
@@ -94,7 +93,12 @@ def evaluate(
     """
     check_inputs(policies, reward_model, cost_model, arena)
     sets = load_prompt_sets(prompt_sets, limit)
-    options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "generator": generator}
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+        "generator": generator,
+    }
     options["template"] = template
     generations = generate_all(policies, sets, max_prompt_length=max_prompt_length, **options)
     prompts = [record.prompt for records in sets.values() for record in records] * len(policies)
@@ -102,7 +106,11 @@ def evaluate(
     generations = score_all(generations, prompts, reward_model, cost_model, **scoring)
     truth = {s.name: s.has_truth for s in sets}
     generations = [judge(g, truth[g["set"]]) for g in generations]
-    summary = {"rows": summary_rows(generations, policies, truth), "arena": None, "out_dir": str(out_dir)}
+    summary: dict[str, Any] = {
+        "rows": summary_rows(generations, policies, truth),
+        "arena": None,
+        "out_dir": str(out_dir),
+    }
     if arena is not None:
         summary["arena"] = {"a": arena[0], "b": arena[1], **arena_of(generations, *arena)}
     write_outputs(Path(out_dir), generations, summary)

@@ -15,9 +15,10 @@ from lit_saferlhf.commands.evaluate.prompts import PromptSet, prompt_text
 from lit_saferlhf.data.collate import Encoder, collate_prompts
 from lit_saferlhf.data.records import Conversation, PromptRecord, user_prompt
 from lit_saferlhf.data.templates import SafeRLHFTemplate, Template, recorded_template
+from lit_saferlhf.data.tokenizers import load_tokenizer
 from lit_saferlhf.generators import GenerationArgs, Generator, HFGenerate
 from lit_saferlhf.losses import response_mask
-from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm
 
 
 def device() -> torch.device:
@@ -84,7 +85,8 @@ def generate_responses(
     """
     source = ModelSource(path=policy_dir)
     tokenizer = load_tokenizer(source)
-    model = build_causal_lm(source, tokenizer).to(device()).eval()
+    # transformers decorates PreTrainedModel.to with functools.wraps(nn.Module.to), whose type keeps the unbound `self`.
+    model = build_causal_lm(source, tokenizer).to(device()).eval()  # type: ignore[arg-type]
     template = template or recorded_template(policy_dir) or SafeRLHFTemplate()
     encoder = Encoder(tokenizer, template, max_prompt_length)
     rows = [encoder.prompt_ids(user_prompt(p) if isinstance(p, str) else p)[-max_prompt_length:] for p in prompts]

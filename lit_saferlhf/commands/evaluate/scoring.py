@@ -13,8 +13,9 @@ from lit_saferlhf.commands.evaluate.generation import device, release_memory, ru
 from lit_saferlhf.data.collate import Encoder, attention_mask, pad
 from lit_saferlhf.data.records import Conversation, user_prompt
 from lit_saferlhf.data.templates import SafeRLHFTemplate, recorded_template
+from lit_saferlhf.data.tokenizers import load_tokenizer
 from lit_saferlhf.errors import ModelDirError
-from lit_saferlhf.models.causal_lm import ModelSource, load_tokenizer
+from lit_saferlhf.models.causal_lm import ModelSource
 from lit_saferlhf.models.layouts import require_score_model
 from lit_saferlhf.models.score_model import ScoreModel
 
