@@ -1,10 +1,13 @@
-.PHONY: lint format test test-fast test-slow test-gpu
+.PHONY: lint format typecheck test test-fast test-slow test-gpu
 
 lint:
 	ruff check . && ruff format --check .
 
 format:
 	ruff format . && ruff check --fix .
+
+typecheck:   ## mypy over lit_saferlhf/ (settings in pyproject.toml)
+	mypy
 
 test:        ## what CI runs
 	python -m pytest -m "not gpu" -q

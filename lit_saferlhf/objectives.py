@@ -150,5 +150,6 @@ class Objective(ABC):
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restore what ``state_dict`` returned."""
-        if self.solver is not None and isinstance(state.get("solver"), dict):
-            self.solver.load_state_dict({k: v for k, v in state["solver"].items() if k != "class"})
+        solver_state = state.get("solver")
+        if self.solver is not None and isinstance(solver_state, dict):
+            self.solver.load_state_dict({k: v for k, v in solver_state.items() if k != "class"})

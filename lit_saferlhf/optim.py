@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class OptimizerArgs:
 torch.serialization.add_safe_globals([OptimizerArgs])
 
 
-def parameter_groups(module: nn.Module, args: OptimizerArgs) -> list[dict]:
+def parameter_groups(module: nn.Module, args: OptimizerArgs) -> list[dict[str, Any]]:
     """Two AdamW groups: weights with decay, biases and norms (1-D tensors) without."""
     trainable = [(name, param) for name, param in module.named_parameters() if param.requires_grad]
     decay = [param for _, param in trainable if param.ndim >= 2]
@@ -57,7 +57,7 @@ def parameter_groups(module: nn.Module, args: OptimizerArgs) -> list[dict]:
     ]
 
 
-def lr_factor(step: int, total_steps: int, args: OptimizerArgs) -> float:
+def lr_factor(step: int, total_steps: float, args: OptimizerArgs) -> float:
     """Multiplier of the peak lr at ``step``: linear warm-up, then the decay of ``args.schedule``."""
     warmup = math.ceil(args.warmup_ratio * total_steps)
     if step < warmup:
@@ -70,10 +70,14 @@ def lr_factor(step: int, total_steps: int, args: OptimizerArgs) -> float:
 
 
 def build_optimizer(
-    networks: Sequence[tuple[nn.Module, OptimizerArgs]], total_steps: int
+    networks: Sequence[tuple[nn.Module, OptimizerArgs]], total_steps: float
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """One AdamW over every network, each with its own lr, decay and schedule (one per group)."""
-    groups, schedules = [], []
+    """One AdamW over every network, each with its own lr, decay and schedule (one per group).
+
+    ``total_steps`` is a number as ``Trainer.estimated_stepping_batches`` gives it (an int, or a float).
+    """
+    groups: list[dict[str, Any]] = []
+    schedules: list[Callable[[int], float]] = []
     for module, args in networks:
         for group in parameter_groups(module, args):
             groups.append(group)
@@ -82,6 +86,6 @@ def build_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
-def schedule_fn(total_steps: int, args: OptimizerArgs) -> Callable[[int], float]:
+def schedule_fn(total_steps: float, args: OptimizerArgs) -> Callable[[int], float]:
     """``lr_factor`` bound to one network's arguments (LambdaLR takes one callable per group)."""
     return lambda step: lr_factor(step, total_steps, args)

@@ -43,8 +43,11 @@ class ConstraintSolver(ABC):
         return True
 
     def stream_names(self) -> tuple[str, ...]:
-        """The per-token streams that get advantages (and one critic each under GAE): the keys of
-        ``end_score_streams``, each ``reward`` or ``cost``, ``reward`` first. Default: ``("reward", "cost")``."""
+        """The per-token streams that get advantages (and one critic each under GAE).
+
+        They are the keys of ``end_score_streams``, each ``reward`` or ``cost``, ``reward`` first.
+        Default: ``("reward", "cost")``.
+        """
         return ("reward", "cost")
 
     def end_score_streams(self, rewards: Tensor, costs: Tensor) -> dict[str, Tensor]:

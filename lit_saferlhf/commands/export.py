@@ -1,6 +1,6 @@
-"""``lit-saferlhf export``: turn any training checkpoint of a stage into the Hugging Face dir its ``fit`` exports.
+r"""``lit-saferlhf export``: turn any training checkpoint of a stage into the Hugging Face dir its ``fit`` exports.
 
-    lit-saferlhf export --config cli_configs/tiny/sft.yaml --ckpt_path outputs/tiny/sft/checkpoints/last.ckpt \\
+    lit-saferlhf export --config cli_configs/tiny/sft.yaml --ckpt_path outputs/tiny/sft/checkpoints/last.ckpt \
         --out outputs/tiny/sft/step_last
 
 The stage is built from the same arguments as ``fit`` (configs and flags; no Trainer, no data,
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import lightning as L
 import torch
@@ -44,6 +44,14 @@ DEEPSPEED_WRAPPER = "_forward_module."
 """The prefix of Lightning's DeepSpeed wrapper on the weight names."""
 
 console = Console(stderr=True)
+
+
+class ExportableStage(Protocol):
+    """What this command needs of a stage module besides LightningModule's API: every built-in stage has it."""
+
+    def export_to(self, out: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the stage's network as the Hugging Face dir its ``fit`` exports; the dir."""
+        ...
 
 
 def checkpoint_kind(path: Path) -> CheckpointKind | None:
@@ -208,7 +216,7 @@ def export_checkpoint(fit_args: Sequence[str], ckpt_path: str | Path, out: str |
         module.load_state_dict(weights)
         module.on_load_checkpoint(checkpoint)  # stage state saved with the weights (PPO: λ's history)
     with console.status(f"Writing {out}"):
-        written = module.export_to(out)
+        written = cast(ExportableStage, module).export_to(out)
     step = checkpoint.get("global_step", "?")
     console.print(f"Exported {type(module).__name__} at step {step} from {path} to {written}", soft_wrap=True)
     return written

@@ -1,11 +1,11 @@
-"""``lit-saferlhf merge``: a linear weight merge of Hugging Face causal-LM exports (P-SACPO).
+r"""``lit-saferlhf merge``: a linear weight merge of Hugging Face causal-LM exports (P-SACPO).
 
 P-SACPO (Wachi et al., NeurIPS 2024; METHODS.md §5) replaces retraining SACPO's safety step for every
 λ by merging the helpfulness-aligned model θ_r with the safety-aligned one θ*:
 ``θ_q = (1 − q)·θ_r + q·θ*``. This is mergekit's ``linear`` method, which the authors used (weights
 ``(1 − q, q)``)::
 
-    lit-saferlhf merge --models outputs/tiny/offline/sacpo_helpful/model outputs/tiny/offline/sacpo_safe/model \\
+    lit-saferlhf merge --models outputs/tiny/offline/sacpo_helpful/model outputs/tiny/offline/sacpo_safe/model \
         --weights 0.25 0.75 --out outputs/tiny/offline/p_sacpo_0.75/model
 
 Every model must have the same architecture (tensor names and shapes). The tokenizer and config

@@ -1,4 +1,4 @@
-"""FDC selection (Equilibrate RLHF, ``METHODS.md`` §2 (b-1)): a safety set with a quota per risk category.
+r"""FDC selection (Equilibrate RLHF, ``METHODS.md`` §2 (b-1)): a safety set with a quota per risk category.
 
 Equilibrate RLHF trains on a small safety set mixed across three kinds of risk rather than on
 more of the same: 14k = 10k EHD (explicit) + 3k IHD (implicit) + 1k MHD (mixed). ``lit-saferlhf
@@ -23,7 +23,7 @@ error naming it. The draw is seeded. Each selected record is written as read, it
 set to our name, followed by a report (printed, and written as ``<out>.report.json``)::
 
     lit-saferlhf select --data safety-world:pairs-risk --total 1400 --out outputs/fdc/pairs.jsonl
-    lit-saferlhf select --data pku.jsonl --labels beavertails_selected_relabelled.json \\
+    lit-saferlhf select --data pku.jsonl --labels beavertails_selected_relabelled.json \
         --total 14000 --ratio 10:3:1 --out fdc.jsonl
     lit-saferlhf select --data prompts.jsonl --classifier my_lab.judge:classify --total 140 --out fdc.jsonl
 """
@@ -257,6 +257,7 @@ class HFRiskClassifier:
             raise ModelDirError("classifier", path, "not a text-classification model dir", reason) from error
 
     def __call__(self, prompt: str) -> str:
+        """The classifier's label of ``prompt``."""
         return self.pipe(prompt)[0]["label"]
 
 

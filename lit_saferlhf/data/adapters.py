@@ -142,7 +142,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def encodable(text: str, name: str, source: str) -> str:
-    """``text`` unchanged, or a BadRecordError when it holds a lone surrogate (e.g. JSON's ``"\\ud800"``).
+    r"""``text`` unchanged, or a BadRecordError when it holds a lone surrogate (e.g. JSON's ``"\ud800"``).
 
     A tokenizer cannot encode such text (it fails deep inside with a TypeError that names no record).
     """
@@ -233,9 +233,9 @@ def _safe_label(row: dict[str, Any], name: str, source: str) -> bool:
 
 
 class HHRLHF(Adapter):
-    """Anthropic HH-RLHF: ``chosen`` and ``rejected`` dialogues that differ in the final reply.
+    r"""Anthropic HH-RLHF: ``chosen`` and ``rejected`` dialogues that differ in the final reply.
 
-    A dialogue is ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` (the leading blank lines are optional).
+    A dialogue is ``"\n\nHuman: ...\n\nAssistant: ..."`` (the leading blank lines are optional).
     Human turns become user messages and Assistant turns assistant messages, each stripped of
     surrounding whitespace; consecutive turns of the same speaker (a few in the real data) are
     merged into one, joined by a blank line. The prompt is every turn before the final Assistant

@@ -242,8 +242,11 @@ class PreferenceData(RecordData):
 
 
 def collate_pair_rows(items: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask``, ``response_mask`` ``(2B, L)`` (pair b's responses at 2b, 2b + 1), ``index``
-    ``(B,)``, and the labels every row has: ``better``/``safer`` ``(B,)``, ``is_safe`` ``(B, 2)``."""
+    """Collate B pairs into one batch of their 2B responses.
+
+    Returns ``input_ids``, ``attention_mask``, ``response_mask`` ``(2B, L)`` (pair b's responses at 2b,
+    2b + 1), ``index`` ``(B,)``, and the labels every row has: ``better``/``safer`` ``(B,)``, ``is_safe`` ``(B, 2)``.
+    """
     sides = [side for item in items for side in item.sides]
     rows = [side.input_ids for side in sides]
     response = [[0] * side.prompt_length + [1] * (len(side.input_ids) - side.prompt_length) for side in sides]

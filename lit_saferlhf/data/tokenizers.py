@@ -19,6 +19,8 @@ from lit_saferlhf.models.causal_lm import SAFETY_WORLD_TOKENIZER, ModelSource
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     """The tokenizer of ``source``, with a padding token (one is added when it has none)."""
     name = source.tokenizer or source.path
+    assert name is not None  # ModelSource: a model built from a config names its tokenizer
+    tokenizer: PreTrainedTokenizerBase
     if name == SAFETY_WORLD_TOKENIZER:
         tokenizer = build_tokenizer()
     else:

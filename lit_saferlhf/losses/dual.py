@@ -47,7 +47,10 @@ def solve_can_dual(
     box bound keeps λ finite when the constraint cannot be met (D̂ then decreases for ever).
 
     Args:
-        rewards: ``(n, G)``; utilities: ``(n, G, m)``; beta, margin: as in ``can_dual``.
+        rewards: r_ij of G reference samples for each of n prompts, ``(n, G)``.
+        utilities: Safety utilities g_ij = −c_ij, ``(n, G, m)``.
+        beta: β, the KL weight of the alignment that follows (as in ``can_dual``).
+        margin: b, the required improvement of E[g] over the reference's (as in ``can_dual``).
         max_multiplier: Upper bound on every λ_j.
         steps: Most gradient steps.
         tolerance: Stop when a step moves λ by less than this (max norm).

@@ -171,7 +171,9 @@ def clipped_surrogate_loss(
     clip_eps: float = 0.2,
     aggregation: str = "sequence_mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clipped surrogate (Schulman et al., 2017, Eq. 7) with ``ρ = exp(logprobs - old_logprobs)``::
+    """PPO's clipped surrogate (Schulman et al., 2017, Eq. 7) with ``ρ = exp(logprobs - old_logprobs)``.
+
+    ::
 
         loss = -masked_mean(min(ρ A, clip(ρ, 1 - ε, 1 + ε) A), mask)
 
@@ -427,8 +429,14 @@ def appo_policy_loss(
     (:func:`appo_lagrangian_mask`, then :func:`appo_surrogate_loss` on :func:`lagrangian_advantage`).
 
     Args:
-        logprobs, old_logprobs, reward_advantages, cost_advantages, mask, multiplier, clip_eps,
-            normalize: As in :func:`lagrangian_policy_loss`, ``(B, A)`` each.
+        logprobs: Log-probabilities of the response tokens under the current policy, ``(B, A)``.
+        old_logprobs: The same tokens under the policy that sampled them, ``(B, A)``.
+        reward_advantages: Advantages of the reward stream, ``(B, A)``.
+        cost_advantages: Advantages of the cost stream, ``(B, A)``.
+        mask: True on response tokens, ``(B, A)``.
+        multiplier: The Lagrange multiplier λ >= 0, a scalar, treated as a constant.
+        clip_eps: Half-width ε of the trust region on the probability ratio.
+        normalize: Divide the merged advantage by ``1 + λ``.
         reward_values: Reward-critic values at rollout time, ``(B, A)`` (zeros when the run has none).
         cost_values: Cost-critic values at rollout time, ``(B, A)`` (zeros when the run has none).
         baseline: ``b`` of the mask.

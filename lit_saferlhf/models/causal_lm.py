@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import (
@@ -27,6 +27,9 @@ from lit_saferlhf.errors import ConfigError, writing
 from lit_saferlhf.models.layouts import check_model_path, require_policy
 from lit_saferlhf.models.peft import LoraArgs, apply_lora, export_view, quantization_kwargs
 from lit_saferlhf.models.zero3 import build_partitioned, partitioning
+
+if TYPE_CHECKING:  # peft is imported where it is used
+    from peft import PeftModel
 
 SAFETY_WORLD_TOKENIZER = "safety-world"
 """Tokenizer name that selects the embedded safety world's word-level tokenizer."""
@@ -112,6 +115,7 @@ def load_config(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> Any:
     if source.path is not None:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
     else:
+        assert source.config is not None  # ModelSource sets exactly one of path and config
         kwargs = {key: value for key, value in source.config.items() if key != "model_type"}
         config = AutoConfig.for_model(source.config["model_type"], vocab_size=len(tokenizer), **kwargs)
     config.pad_token_id = tokenizer.pad_token_id
@@ -120,7 +124,7 @@ def load_config(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> Any:
     return config
 
 
-def build_causal_lm(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_causal_lm(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
     """A causal LM from ``source``: pretrained weights, or random weights from a config.
 
     The embeddings are resized when the tokenizer grew (an added padding token). Under DeepSpeed
@@ -152,7 +156,7 @@ def build_causal_lm(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> 
 
 def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Grow the input (and tied output) embeddings when the tokenizer has more tokens."""
-    rows = model.get_input_embeddings().num_embeddings
+    rows = cast(int, model.get_input_embeddings().num_embeddings)  # nn.Module's __getattr__ types it Tensor | Module
     if len(tokenizer) > rows and partitioning():
         raise ConfigError(
             "trainer.strategy",
@@ -175,7 +179,7 @@ def torch_dtype(name: str | None) -> torch.dtype:
 
 
 def export(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -192,7 +196,7 @@ def export(
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as staging:
         network, state_dict = export_view(model, state_dict)
-        network.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        network.save_pretrained(str(staging), safe_serialization=True, state_dict=state_dict)  # peft: a str
         tokenizer.save_pretrained(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)

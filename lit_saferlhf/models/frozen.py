@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lit_saferlhf.losses import end_scores
 from lit_saferlhf.models.peft import adapters_off
 from lit_saferlhf.models.score_model import ScoreHead, ScoreModel, ScoreNormalizer, ScoreOutput, end_mask
-from lit_saferlhf.models.sharding import full_tensor
+from lit_saferlhf.models.sharding import ModuleT, full_tensor
 from lit_saferlhf.models.zero3 import load_partitioned, partitioning
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def frozen(network: nn.Module) -> nn.Module:
+def frozen(network: ModuleT) -> ModuleT:
     """Eval mode and no gradients: never in the optimiser."""
     network.eval()
     network.requires_grad_(False)

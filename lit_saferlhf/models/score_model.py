@@ -274,8 +274,7 @@ class ScoreModel(nn.Module):
             tokenizer.save_pretrained(staging)
             classifier = sequence_classification_class(network)
             if classifier is None:
-                # peft annotates save_directory as str; it is passed to os.path functions, which take a Path
-                network.save_pretrained(staging, safe_serialization=True, state_dict=backbone)  # type: ignore[arg-type]
+                network.save_pretrained(str(staging), safe_serialization=True, state_dict=backbone)  # peft: a str
                 side = self._write_v1_head(staging, state)
             else:
                 assert isinstance(network, PreTrainedModel)  # sequence_classification_class found its class
@@ -356,7 +355,7 @@ def end_mask(input_ids: Tensor, attention_mask: Tensor, end_token: EndToken, pad
 
 
 def sequence_classification_class(network: nn.Module) -> type[PreTrainedModel] | None:
-    """transformers' ``*ForSequenceClassification`` class for ``network``'s family (None: none, or a LoRA adapter)."""
+    """The transformers ``*ForSequenceClassification`` class of ``network``'s family (None: none, or LoRA)."""
     if not isinstance(network, PreTrainedModel):
         return None
     # transformers types the lazy auto mappings' values as classes or (tokenizer) class pairs; this one holds classes.

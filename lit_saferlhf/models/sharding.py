@@ -12,7 +12,7 @@ Lightning's FSDP (FSDP1) strategy and DeepSpeed ZeRO-3 alike.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import cast
+from typing import TypeVar, cast
 
 import lightning as L
 from torch import Tensor, nn
@@ -23,13 +23,15 @@ from torch.distributed.tensor import DTensor
 
 from lit_saferlhf.models.peft import is_peft
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 
 def layer_classes(model: nn.Module) -> set[str]:
     """Names of the classes Hugging Face marks as not to be split (the decoder layers)."""
     return {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or []}
 
 
-def shard(model: nn.Module, mesh: DeviceMesh | None) -> nn.Module:
+def shard(model: ModuleT, mesh: DeviceMesh | None) -> ModuleT:
     """Apply ``fully_shard`` per decoder layer, then to ``model``; a no-op without a mesh."""
     if mesh is None:
         return model

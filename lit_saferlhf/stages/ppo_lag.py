@@ -25,12 +25,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedModel
 
 from lit_saferlhf.advantages import GAE, AdvantageEstimator
 from lit_saferlhf.data.templates import (
@@ -64,6 +68,9 @@ from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.optim import OptimizerArgs, build_optimizer
 from lit_saferlhf.solvers import ConstraintSolver
 from lit_saferlhf.stages.rollout import Rollout
+
+if TYPE_CHECKING:  # peft is imported where it is used
+    from peft import PeftModel
 
 
 @dataclass(frozen=True)
@@ -230,19 +237,21 @@ class PPOLagrangian(L.LightningModule):
         self.default_template = recorded_template(policy)  # the prompt data's template unless it sets one
         self.cost_window: deque[float] = deque(maxlen=ppo.cost_window)
         self.multiplier_history: list[float] = []
-        self.actor: nn.Module | None = None
+        self.actor: PreTrainedModel | PeftModel | None = None  # built by configure_model
 
     def configure_model(self) -> None:
         """Build the networks here (six with GAE, four without critics), so sharded strategies can place them."""
         if self.actor is not None:
             return
-        self.actor = self.policy_network(self.paths["policy"], trained=True)
+        self.actor = self.policy_network(required(self.paths, "policy"), trained=True)
         self.generator.check_model(self.actor)  # an unsupported model fails here, not at the first rollout
         critics = self.critic_names()
         self.reward_critic = (
-            self.score_network(self.critic_paths["reward"], trained=True) if "reward" in critics else None
+            self.score_network(required(self.critic_paths, "reward"), trained=True) if "reward" in critics else None
         )
-        self.cost_critic = self.score_network(self.critic_paths["cost"], trained=True) if "cost" in critics else None
+        self.cost_critic = (
+            self.score_network(required(self.critic_paths, "cost"), trained=True) if "cost" in critics else None
+        )
         self.reference = self.frozen_network("policy", self.actor)
         self.reward_model = self.frozen_network("reward", self.reward_critic)
         self.cost_model = self.frozen_network("cost", self.cost_critic) if self.paths["cost"] else None
@@ -267,7 +276,7 @@ class PPOLagrangian(L.LightningModule):
             f"{type(self.advantage).__name__}: {held:,} parameters, {trained:,} trained"
         )
 
-    def policy_network(self, path: str, trained: bool) -> nn.Module:
+    def policy_network(self, path: str, trained: bool) -> PreTrainedModel | PeftModel:
         """The actor (trained) or the reference (frozen), sharded when the strategy gives a device mesh."""
         model = build_causal_lm(self.source(path, trained), self.tokenizer)
         return shard(model if trained else frozen(model), self.device_mesh)
@@ -282,7 +291,7 @@ class PPOLagrangian(L.LightningModule):
         if self.lora is not None and trained is not None:
             return shared_frozen(trained)
         build = self.policy_network if name == "policy" else self.score_network
-        return build(self.paths[name], trained=False)
+        return build(required(self.paths, name), trained=False)
 
     def source(self, path: str, trained: bool) -> ModelSource:
         """How to load one network (trained ones may use gradient checkpointing and LoRA)."""
@@ -324,6 +333,7 @@ class PPOLagrangian(L.LightningModule):
     def collect_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
         """Sample responses and score them: log-probs, end scores, critic values, advantages."""
         began = time.perf_counter()
+        assert self.actor is not None  # configure_model ran
         sequences = self.generator.generate(
             self.actor,
             prompt_ids,
@@ -372,9 +382,11 @@ class PPOLagrangian(L.LightningModule):
         zeros = torch.zeros_like(old_logprobs)  # (N, A)
         streams = self.score_streams(end_rewards, end_costs, old_logprobs, ref_logprobs, mask)
         group_size = self.generation.num_return_sequences
-        advantages, returns = {}, {}
+        advantages: dict[str, Tensor] = {}
+        returns: dict[str, Tensor | None] = {}
         for name, stream in streams.items():
             advantages[name], returns[name] = self.advantage.estimate(stream, mask, group_size, values.get(name))
+        cost_returns = returns.get("cost")
         return Rollout(
             input_ids=sequences,
             attention_mask=attention,
@@ -388,15 +400,16 @@ class PPOLagrangian(L.LightningModule):
             reward_advantages=advantages["reward"],
             reward_returns=returns["reward"] if returns["reward"] is not None else zeros,
             cost_advantages=advantages.get("cost", zeros),
-            cost_returns=returns.get("cost") if returns.get("cost") is not None else zeros,
+            cost_returns=cost_returns if cost_returns is not None else zeros,
         )
 
     def score_streams(
         self, end_rewards: Tensor, end_costs: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor
     ) -> dict[str, Tensor]:
-        """Per-token streams of the solver's end scores: the end score at the last token, ``∓β·KL_t`` per token
-        (a penalty on the reward stream, an addition to the cost stream) when the KL is a reward penalty, clipped
-        to ``±score_clip``.
+        """Per-token streams of the solver's end scores.
+
+        The end score sits at the last token, with ``∓β·KL_t`` per token (a penalty on the reward stream,
+        an addition to the cost stream) when the KL is a reward penalty, clipped to ``±score_clip``.
 
         The solver says which streams there are and what each ends with: reward and cost by default, one stream
         ``R - λ·C`` under reward shaping (``FixedPenalty``, safe-rlhf's ``PPORewardShapingTrainer``).
@@ -425,6 +438,7 @@ class PPOLagrangian(L.LightningModule):
             loss = loss + critic_loss
             stats |= critic_stats
         if ptx is not None:
+            assert self.actor is not None  # configure_model ran
             logits = self.actor(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
             ptx_loss, _ = lm_loss(logits, ptx["labels"])
             loss = loss + self.ppo.ptx_coeff * ptx_loss
@@ -432,14 +446,19 @@ class PPOLagrangian(L.LightningModule):
         optimizer.zero_grad()
         self.manual_backward(loss)
         if self.ppo.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
+            # A LightningOptimizer is an instance of the optimizer class it wraps (Lightning subclasses it on the fly).
+            clipped = cast(Optimizer, optimizer)
+            self.clip_gradients(clipped, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
-        self.lr_schedulers().step()
+        cast(LRScheduler, self.lr_schedulers()).step()  # the one scheduler configure_optimizers returns
         return stats
 
     def actor_loss(self, minibatch: Rollout, start: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """The clipped surrogate on the solver's advantage (Safe RLHF: ``(A_r - λ·A_c) / (1 + λ)``), or APPO's on
-        the tokens it keeps, plus ``β·k3`` when the KL is a loss term."""
+        """The clipped surrogate on the solver's advantage, plus ``β·k3`` when the KL is a loss term.
+
+        Safe RLHF's advantage is ``(A_r - λ·A_c) / (1 + λ)``; APPO keeps only the tokens its mask keeps.
+        """
+        assert self.actor is not None  # configure_model ran
         logprobs = response_logprobs(self.actor, minibatch.input_ids, minibatch.attention_mask, start)
         advantages = self.solver.actor_advantages(minibatch.reward_advantages, minibatch.cost_advantages)  # (N, A)
         if self.ppo.appo is None:
@@ -532,14 +551,17 @@ class PPOLagrangian(L.LightningModule):
         history = {"solver": type(self.solver).__name__, "multiplier": self.multiplier_history}
         extra = {"multiplier_history.json": json.dumps(history)}  # written before the dir is renamed into place
         extra |= policy_files(trained_template(self))  # lit_saferlhf.json: the prompts' template
+        assert self.actor is not None  # configure_model ran
         return export(self.actor, self.tokenizer, out, state_dict=state_dict, extra_files=extra)
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """One AdamW: the actor and each critic in their own parameter groups, each with its schedule."""
-        rollout_size = self.trainer.datamodule.batch_size * self.generation.num_return_sequences
+        data = self.trainer.datamodule  # type: ignore[attr-defined]  # Lightning sets it at fit; Trainer declares none
+        rollout_size = data.batch_size * self.generation.num_return_sequences
         updates_per_rollout = self.ppo.epochs * -(-rollout_size // self.ppo.minibatch_size)
         total = int(self.trainer.estimated_stepping_batches) * updates_per_rollout
-        networks = [(self.actor, self.actor_args)]
+        assert self.actor is not None  # configure_model ran
+        networks: list[tuple[nn.Module, OptimizerArgs]] = [(self.actor, self.actor_args)]
         networks += [(getattr(self, f"{name}_critic"), self.critic_args) for name in self.critic_names()]
         optimizer, scheduler = build_optimizer(networks, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -561,13 +583,20 @@ def check_estimator(
         raise ConfigError(f"model.{given[0]}", f"{name} uses no critics; leave it unset")
 
 
-def response_logprobs(model: nn.Module, sequences: Tensor, attention: Tensor, start: int) -> Tensor:
+def response_logprobs(model: nn.Module | ReferencePolicy, sequences: Tensor, attention: Tensor, start: int) -> Tensor:
     """Log-probs of the response tokens ``sequences[:, start:]`` under ``model``, ``(N, A)``.
 
     From the last hidden states in chunks (:func:`lit_saferlhf.models.logprobs.response_logprobs`): the
     ``(N, L, V)`` logits never exist at once.
     """
     return chunked_response_logprobs(model, sequences, attention, start)
+
+
+def required(paths: dict[str, str | None], name: str) -> str:
+    """``paths[name]``, set for every network the run builds (the constructor refuses a missing one)."""
+    path = paths[name]
+    assert path is not None
+    return path
 
 
 def response_values(critic: nn.Module, sequences: Tensor, attention: Tensor, start: int) -> Tensor:

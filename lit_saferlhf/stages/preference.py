@@ -17,11 +17,13 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from lit_saferlhf.data.templates import (
     load_template,
@@ -41,6 +43,9 @@ from lit_saferlhf.models.score_model import ScoreModel
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.objectives import Objective, PairBatch
 from lit_saferlhf.optim import OptimizerArgs, build_optimizer
+
+if TYPE_CHECKING:  # peft is imported where it is used
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ class PreferenceOptimization(L.LightningModule):
         self.default_template = recorded_template(policy)  # the pair data's template unless it sets one
         self.reference_cache: dict[int, Tensor] = {}
         self.last_dual_step = -1
-        self.policy: nn.Module | None = None
+        self.policy: PreTrainedModel | PeftModel | None = None  # built by configure_model
 
     def configure_model(self) -> None:
         """Build the policy, the frozen reference and the score sources the objective needs."""
@@ -132,10 +137,11 @@ class PreferenceOptimization(L.LightningModule):
     def reference_network(self) -> nn.Module | ReferencePolicy:
         """The frozen reference: with LoRA and the starting policy as reference, the policy with adapters off."""
         if self.lora is not None and self.paths["reference"] == self.paths["policy"]:
+            assert self.policy is not None  # configure_model builds it first
             return shared_frozen(self.policy)
         return self.causal_lm(self.paths["reference"], trained=False)
 
-    def causal_lm(self, path: str, trained: bool) -> nn.Module:
+    def causal_lm(self, path: str, trained: bool) -> PreTrainedModel | PeftModel:
         """A policy network, trained (with LoRA when set) or frozen, sharded when the strategy gives a device mesh."""
         checkpointing, lora = trained and self.gradient_checkpointing, self.lora if trained else None
         source = ModelSource(path=path, dtype=self.dtype_name, gradient_checkpointing=checkpointing, lora=lora)
@@ -172,6 +178,7 @@ class PreferenceOptimization(L.LightningModule):
     def pair_batch(self, batch: dict[str, Tensor], cache: bool) -> PairBatch:
         """Summed response log-probs of policy and reference, ``(B, 2)``, the data's labels and the scores."""
         weights = self.objective.token_weights(batch["response_mask"][:, 1:], batch)  # (2B, L - 1)
+        assert self.policy is not None  # configure_model ran
         logprobs = summed_logprobs(self.policy, batch["input_ids"], batch["attention_mask"], weights)
         with torch.no_grad():
             ref_logprobs = self.reference_logprobs(batch, weights, cache)
@@ -194,6 +201,7 @@ class PreferenceOptimization(L.LightningModule):
     def score(self, name: str, ids: Tensor, attention: Tensor, responses: Tensor) -> Tensor:
         """Scores of sequences ``(N,)`` from the ``rewards`` or ``costs`` source; ``responses`` marks the response."""
         source, network = self.sources[name], self.scorers[name]
+        assert source is not None  # there is a scorer only for a configured source
         if source.implicit_beta is None:
             values = network(ids, attention).end_scores.float()
         else:
@@ -204,7 +212,10 @@ class PreferenceOptimization(L.LightningModule):
 
     def metrics(self, split: str, loss: Tensor, stats: dict[str, Tensor], pairs: PairBatch) -> dict[str, Any]:
         """Loss, the objective's stats, margins and accuracies per pair kind, and λ where there is one."""
-        out = {f"{split}/loss": loss.detach(), **{f"{split}/objective/{k}": v for k, v in stats.items()}}
+        out: dict[str, Any] = {
+            f"{split}/loss": loss.detach(),
+            **{f"{split}/objective/{k}": v for k, v in stats.items()},
+        }
         out |= {f"{split}/{k}": v for k, v in pair_metrics(pairs.logratios, pairs.better, pairs.safer).items()}
         if self.objective.multiplier is not None:
             out[f"{split}/multiplier"] = float(self.objective.multiplier)
@@ -225,10 +236,13 @@ class PreferenceOptimization(L.LightningModule):
 
     def dual_step(self) -> None:
         """Sample the policy on held-out prompts, score with the cost model, and step the solver on the mean."""
+        solver = self.objective.solver
+        assert solver is not None  # dual steps run only for objectives with a solver
+        assert self.policy is not None  # configure_model ran
         costs = torch.cat([self.sample_and_score(self.policy, batch, 1, ("costs",))["costs"] for batch in
                            self.prompt_batches()])  # fmt: skip
         mean_cost = float(self.trainer.strategy.reduce(costs.mean().double(), reduce_op="mean"))
-        stats = self.objective.solver.update(mean_cost)
+        stats = solver.update(mean_cost)
         self.log_dict({"dual/policy_cost": mean_cost, **{f"dual/{k}": v for k, v in stats.items()}})
 
     def score_reference_samples(self) -> tuple[Tensor, Tensor]:
@@ -236,18 +250,18 @@ class PreferenceOptimization(L.LightningModule):
         count = self.objective.dual_samples
         scored = [self.sample_and_score(self.reference, batch, count, ("rewards", "costs"))
                   for batch in self.prompt_batches()]  # fmt: skip
-        return tuple(torch.cat([s[name] for s in scored]).view(-1, count).cpu() for name in ("rewards", "costs"))
+        rewards, costs = (torch.cat([s[name] for s in scored]).view(-1, count).cpu() for name in ("rewards", "costs"))
+        return rewards, costs
 
     def prompt_batches(self) -> list[dict[str, Tensor]]:
         """The datamodule's sampling prompts, on this device."""
-        batches = self.trainer.datamodule.prompt_batches(
-            self.objective.sample_prompts, self.trainer.datamodule.batch_size
-        )
+        data = self.trainer.datamodule  # type: ignore[attr-defined]  # Lightning sets it at fit; Trainer declares none
+        batches = data.prompt_batches(self.objective.sample_prompts, data.batch_size)
         return [{key: value.to(self.device) for key, value in batch.items()} for batch in batches]
 
     @torch.no_grad()
     def sample_and_score(
-        self, model: nn.Module, prompts: dict[str, Tensor], count: int, names: tuple[str, ...]
+        self, model: nn.Module | ReferencePolicy, prompts: dict[str, Tensor], count: int, names: tuple[str, ...]
     ) -> dict[str, Tensor]:
         """Sample ``count`` responses per prompt from ``model`` and score each with the named sources."""
         was_training = model.training
@@ -306,10 +320,12 @@ class PreferenceOptimization(L.LightningModule):
         summary = {**self.objective.state_dict(), "settings": objective_settings(self.objective)}
         extra = {"objective.json": json.dumps(summary, indent=2, default=str)}
         extra |= policy_files(trained_template(self))  # lit_saferlhf.json: the template
+        assert self.policy is not None  # configure_model ran
         return export(self.policy, self.tokenizer, out, state_dict=state_dict, extra_files=extra)
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""
+        assert self.policy is not None  # configure_model ran
         optimizer, scheduler = build_optimizer(
             [(self.policy, self.optimizer_args)], self.trainer.estimated_stepping_batches
         )
@@ -334,7 +350,7 @@ def objective_settings(objective: Objective) -> dict[str, Any]:
     return {k: v for k, v in vars(objective).items() if isinstance(v, int | float | str | bool | type(None))}
 
 
-def summed_logprobs(model: nn.Module, ids: Tensor, attention: Tensor, weights: Tensor) -> Tensor:
+def summed_logprobs(model: nn.Module | ReferencePolicy, ids: Tensor, attention: Tensor, weights: Tensor) -> Tensor:
     """``Σ_t w_t log π(y_t | y_<t)`` per sequence, ``(N,)``; ``weights`` align with the targets ``ids[:, 1:]``."""
     positions = (attention.long().cumsum(-1) - 1).clamp_min(0)  # skips left padding of sampled sequences
     logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits  # (N, L, V)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -35,19 +36,23 @@ class ScoreMetrics(nn.Module):
         self.names = names
         self.means = nn.ModuleDict({name: MeanMetric() for name in (*names, "score_mean", "score_square")})
 
+    def mean(self, name: str) -> MeanMetric:
+        """The running mean ``name`` (``ModuleDict`` types its values as any ``Module``)."""
+        return cast(MeanMetric, self.means[name])
+
     def update(self, stats: dict[str, Tensor], scores: Tensor) -> None:
         """Fold in one batch's accuracies and its end scores ``(2B,)``."""
         for name in self.names:
-            self.means[name].update(stats[name], weight=len(scores) // 2)
-        self.means["score_mean"].update(scores.detach().float().mean(), weight=len(scores))
-        self.means["score_square"].update(scores.detach().float().square().mean(), weight=len(scores))
+            self.mean(name).update(stats[name], weight=len(scores) // 2)
+        self.mean("score_mean").update(scores.detach().float().mean(), weight=len(scores))
+        self.mean("score_square").update(scores.detach().float().square().mean(), weight=len(scores))
 
     def compute_and_reset(self, prefix: str) -> dict[str, Tensor]:
         """``{prefix}/<accuracy>``..., ``{prefix}/score_mean`` and ``{prefix}/score_std``."""
-        values = {name: metric.compute() for name, metric in self.means.items()}
+        values = {name: self.mean(name).compute() for name in self.means}
         with torch.inference_mode(False):  # states made under `validate`'s inference mode would break a later fit
-            for metric in self.means.values():
-                metric.reset()
+            for name in self.means:
+                self.mean(name).reset()
         std = (values.pop("score_square") - values["score_mean"].square()).clamp_min(0).sqrt()
         return {f"{prefix}/{name}": value for name, value in {**values, "score_std": std}.items()}
 
@@ -89,7 +94,7 @@ class ScoreModelStage(L.LightningModule, ABC):
         self.loss_type, self.regularization = loss_type, regularization
         self.optimizer_args, self.export_dir = optimizer, export_dir
         self.tokenizer = load_tokenizer(model)
-        self.model: ScoreModel | None = None
+        self.model: ScoreModel | None = None  # built by configure_model
         self.train_metrics, self.val_metrics = ScoreMetrics(self.metric_names), ScoreMetrics(self.metric_names)
 
     def configure_model(self) -> None:
@@ -104,6 +109,7 @@ class ScoreModelStage(L.LightningModule, ABC):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """The pair objective on one batch."""
         loss, stats, ends = self.pair_step(batch)
+        assert self.model is not None  # configure_model ran
         self.model.normalizer.update(ends)
         self.train_metrics.update(stats, ends)
         self.log_dict(
@@ -118,6 +124,7 @@ class ScoreModelStage(L.LightningModule, ABC):
         first, second = self.sides
         ids = torch.cat([batch[f"{first}_input_ids"], batch[f"{second}_input_ids"]])  # (2B, L)
         mask = torch.cat([batch[f"{first}_attention_mask"], batch[f"{second}_attention_mask"]])  # (2B, L)
+        assert self.model is not None  # configure_model ran
         output = self.model(ids, mask)
         scores, ends = output.scores.chunk(2), output.end_scores.chunk(2)
         loss, stats = self.objective(batch, scores, ends)
@@ -176,12 +183,14 @@ class ScoreModelStage(L.LightningModule, ABC):
         """
         template = trained_template(self)
         record = None if template is None else template_record(template)
+        assert self.model is not None  # configure_model ran
         return self.model.save_pretrained(
             out, self.tokenizer, state_dict=state_dict, score_type=self.score_type, template=record
         )
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""
+        assert self.model is not None  # configure_model ran
         optimizer, scheduler = build_optimizer(
             [(self.model, self.optimizer_args)], self.trainer.estimated_stepping_batches
         )

@@ -8,10 +8,11 @@ and PPO stages start from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
@@ -23,6 +24,9 @@ from lit_saferlhf.models.causal_lm import ModelSource, build_causal_lm, export
 from lit_saferlhf.models.peft import LoraArgs, drop_frozen, restore_frozen
 from lit_saferlhf.models.sharding import full_state_dict, shard
 from lit_saferlhf.optim import OptimizerArgs, build_optimizer
+
+if TYPE_CHECKING:  # peft is imported where it is used
+    from peft import PeftModel
 
 
 class TokenMetrics(torch.nn.Module):
@@ -41,7 +45,8 @@ class TokenMetrics(torch.nn.Module):
         """``{prefix}/loss``, ``{prefix}/token_accuracy``, ``{prefix}/perplexity``."""
         loss, accuracy = self.loss.compute(), self.accuracy.compute()
         with torch.inference_mode(False):  # states made under `validate`'s inference mode would break a later fit
-            self.loss.reset(), self.accuracy.reset()
+            self.loss.reset()
+            self.accuracy.reset()
         return {f"{prefix}/loss": loss, f"{prefix}/token_accuracy": accuracy, f"{prefix}/perplexity": loss.exp()}
 
 
@@ -71,7 +76,7 @@ class SFTModule(L.LightningModule):
         self.source = model.with_build_settings(dtype, gradient_checkpointing, lora)
         self.optimizer_args, self.export_dir = optimizer, export_dir
         self.tokenizer = load_tokenizer(model)
-        self.model: PreTrainedModel | None = None
+        self.model: PreTrainedModel | PeftModel | None = None  # built by configure_model
         self.train_metrics, self.val_metrics = TokenMetrics(), TokenMetrics()
 
     def configure_model(self) -> None:
@@ -92,6 +97,7 @@ class SFTModule(L.LightningModule):
 
     def lm_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward the batch; the loss and its token counts."""
+        assert self.model is not None  # configure_model ran
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
         return lm_loss(logits, batch["labels"])
 
@@ -133,12 +139,14 @@ class SFTModule(L.LightningModule):
             out: The dir to write (replaced atomically if it exists).
             state_dict: The policy's gathered full state when it is sharded; None writes the live weights.
         """
+        assert self.model is not None  # configure_model ran
         return export(
             self.model, self.tokenizer, out, state_dict=state_dict, extra_files=policy_files(trained_template(self))
         )
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """AdamW without decay on biases and norms; warm-up then the configured decay, per step."""
+        assert self.model is not None  # configure_model ran
         optimizer, scheduler = build_optimizer(
             [(self.model, self.optimizer_args)], self.trainer.estimated_stepping_batches
         )

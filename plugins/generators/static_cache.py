@@ -165,8 +165,11 @@ class StaticCacheGenerate(Generator):
         return cache
 
     def output_layer(self, model: Any, rows: int) -> OutputLayer | None:
-        """``model``'s output layer prepacked for this rollout's ``rows`` (``pack_output_layer`` and eager on a
-        CPU); None: the model's own forward computes the logits."""
+        """``model``'s output layer prepacked for this rollout's ``rows``, or None.
+
+        Prepacked with ``pack_output_layer`` and an eager step on a CPU; None: the model's own forward
+        computes the logits.
+        """
         head = model.get_output_embeddings()
         if not self.pack_output_layer or self.compiles(model) or not OutputLayer.applies(head, model):
             return None
@@ -260,8 +263,10 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: int, top_p: flo
 
 
 def draw(scores: Tensor, top_p: float, candidates: Tensor | None = None) -> Tensor:
-    """A token from the softmax of ``scores`` ``(N, C)`` after the nucleus filter, ``(N,)``; ``candidates``
-    ``(N, C)`` maps the C columns to token ids (None: the columns are the ids)."""
+    """A token per row ``(N,)`` from the softmax of ``scores`` ``(N, C)`` after the nucleus filter.
+
+    ``candidates`` ``(N, C)`` maps the C columns to token ids (None: the columns are the ids).
+    """
     if top_p < 1.0:
         scores = nucleus(scores, top_p)
     choice = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)  # (N, 1)
@@ -306,9 +311,12 @@ def forward(
 def decode_step(
     network: Any, head: OutputLayer | None, cache: dict[str, Any], input_ids: Tensor, mask: Tensor, positions: Tensor
 ) -> Tensor:
-    """Float32 scores ``(N, V)`` of the token after ``input_ids`` ``(N, L)`` at ``positions`` ``(N, L)`` (prefill:
-    the prompts; decoding: one token): ``network`` is the decoder and ``head`` the output layer, applied to the
-    last position only, or ``head`` is None and ``network`` the whole causal LM (``logits_to_keep=1``)."""
+    """Float32 scores ``(N, V)`` of the token after ``input_ids`` ``(N, L)`` at ``positions`` ``(N, L)``.
+
+    Prefill passes the prompts, decoding one token. ``network`` is the decoder and ``head`` the output
+    layer, applied to the last position only, or ``head`` is None and ``network`` the whole causal LM
+    (``logits_to_keep=1``).
+    """
     if head is None:
         return forward(network, cache, input_ids, mask, positions, logits_to_keep=1)[:, -1].float()
     hidden = network(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)[0]
@@ -331,8 +339,11 @@ class OutputLayer:
 
     @staticmethod
     def applies(layer: Any, model: Any) -> bool:
-        """Whether ``layer`` (``model``'s output layer) is a plain float32 linear map on a CPU with oneDNN's
-        prepacked linear, and ``model`` does not transform its logits beyond it."""
+        """Whether ``layer`` (``model``'s output layer) can be prepacked.
+
+        It must be a plain float32 linear map on a CPU with oneDNN's prepacked linear, and ``model`` must
+        not transform its logits beyond it.
+        """
         transforms = ("logit_scale", "logits_scaling", "final_logit_softcapping")
         return (
             type(layer) is torch.nn.Linear

@@ -147,7 +147,9 @@ def evaluate_command(argv: Sequence[str]) -> None:
     from rich.console import Console
 
     from lit_saferlhf.commands.report import summary_tables
+    from lit_saferlhf.registry import load_plugins
 
+    load_plugins()  # generators of other packages resolve by short name (``--generator VLLMGenerate``)
     description = (
         "Generate from policies, score the answers with a reward and a cost model, summarise per policy and "
         "prompt set, and run the arena. A YAML given with --config sets any option; later flags override it."

@@ -27,6 +27,7 @@ def device() -> torch.device:
 
 
 def progress_bar() -> Progress:
+    """A rich progress bar with the task's description, a bar, done/total and the elapsed time."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
