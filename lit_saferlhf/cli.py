@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, chain, expected_error
+from lit_saferlhf.errors import EXIT_STATUS, TRACEBACK_VARIABLE, ConfigError, chain, expected_error
 
 __all__ = ["COMMANDS", "main"]
 
@@ -73,6 +77,10 @@ def usage() -> str:
 
 UNION_FAILURE = "Does not validate against any of the Union subtypes"
 """How jsonargparse starts its report of a value that fits none of a setting's types."""
+CONFIG_FLAGS = ("--config", "-c")
+"""How a command line names a config file (LightningCLI's ``-c`` too)."""
+INTERRUPTED_STATUS = 128 + signal.SIGINT
+"""The exit status after Ctrl-C, as a shell reports a process that SIGINT ended."""
 TRACEBACK_FLAG = "--traceback"
 """Shows the traceback of an error in the input too (as ``LIT_SAFERLHF_TRACEBACK=1`` does)."""
 
@@ -82,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     An error in the user's input (see ``lit_saferlhf.errors``) or a command-line parse error is printed as
     one ``error: ...`` message on stderr, and the exit status is 2; anything else keeps its traceback.
+    Ctrl-C is one ``interrupted`` line (with what the command kept, when it says) and exit status 130;
+    ``fit`` saves first (``lit_saferlhf.callbacks.preemption``).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     show_traceback = TRACEBACK_FLAG in args or os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0")
@@ -90,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.argv[1:] = args  # LightningCLI reads sys.argv itself (and warns when it is also given args)
     try:
         run_command(args, from_sys_argv=argv is None)
+    except KeyboardInterrupt as interrupt:
+        if show_traceback:
+            traceback.print_exc()
+        print("interrupted" + (f": {interrupt}" if str(interrupt) else ""), file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None
     except Exception as error:
         message = error_message(error)
         if message is None:
@@ -110,12 +125,40 @@ def run_command(args: list[str], from_sys_argv: bool = False) -> None:
     if args in ([], ["-h"], ["--help"]):
         print(usage())
         return
+    check_yaml_syntax(config_files(args))
     if args[0] in COMMANDS:
         COMMANDS[args[0]].load(args[0])(args[1:])
         return
     from lit_saferlhf.commands.fit import cli_main
 
     cli_main(None if from_sys_argv else args)
+
+
+def config_files(args: Sequence[str]) -> list[Path]:
+    """The existing files given as ``--config`` (or ``-c``) in ``args``; any command may take them."""
+    values = [value for flag, value in itertools.pairwise(args) if flag in CONFIG_FLAGS]
+    values += [arg.partition("=")[2] for arg in args if arg.partition("=")[0] in CONFIG_FLAGS]
+    return [Path(value) for value in values if Path(value).is_file()]
+
+
+def check_yaml_syntax(files: Sequence[Path]) -> None:
+    """Refuse a config file that is not valid YAML, naming the file and line (jsonargparse's parser names neither).
+
+    Raises:
+        ConfigError: ``FILE:line L, column C: not valid YAML: PROBLEM``. Other problems (a file that cannot be
+            read, another YAML error) are left to the command's own parser.
+    """
+    for file in files:
+        try:
+            yaml.safe_load(file.read_bytes())
+        except yaml.MarkedYAMLError as error:
+            mark, opened = error.problem_mark or error.context_mark, error.context_mark
+            where = f"{file}:line {mark.line + 1}, column {mark.column + 1}" if mark else str(file)
+            started = f" that starts at line {opened.line + 1}" if opened and mark and opened.line != mark.line else ""
+            context = f" ({error.context}{started})" if error.context else ""
+            raise ConfigError(where, f"not valid YAML: {error.problem}{context}") from None
+        except (OSError, yaml.YAMLError):
+            continue
 
 
 def error_message(error: Exception) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +130,10 @@ class HubError(DataError, RuntimeError):
     """A hub dataset or model that could not be loaded (offline, a typo in the name)."""
 
 
+class RunConflictError(LitSafeRLHFError, RuntimeError):
+    """Outputs of another run: a run dir it holds locked, checkpoints it wrote (the message says how to go on)."""
+
+
 class MissingExtraError(LitSafeRLHFError, ImportError):
     """An optional dependency the input needs is not installed (the message says which extra to install)."""
 
@@ -143,7 +148,10 @@ class DiskFullError(LitSafeRLHFError, OSError):
 
 
 def output_dir(path: str | Path, key: str) -> Path:
-    """Create the output dir ``path`` (with its parents); one that cannot be created is a :class:`ConfigError`.
+    """Create the output dir ``path`` (with its parents) and try a write in it; a :class:`ConfigError` if either fails.
+
+    The write is a real one (an empty file, removed at once): ``os.access`` says yes to root whatever the mode bits
+    say, and cannot know a file system that refuses new files (``/sys``, some FUSE mounts).
 
     Args:
         path: The dir to write into.
@@ -151,6 +159,9 @@ def output_dir(path: str | Path, key: str) -> Path:
     """
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(descriptor)
+        os.unlink(probe)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise DiskFullError(path, error.strerror or "") from error

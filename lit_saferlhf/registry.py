@@ -27,6 +27,7 @@ from lit_saferlhf.advantages import GAE, AdvantageEstimator
 from lit_saferlhf.errors import LitSafeRLHFError
 from lit_saferlhf.generators import Generator, HFGenerate
 from lit_saferlhf.objectives import Objective
+from lit_saferlhf.scorers import Scorer
 from lit_saferlhf.solvers import ConstraintSolver
 
 
@@ -63,6 +64,7 @@ KINDS: dict[str, PluginKind] = {
         ),
         PluginKind("objective", Objective, "lit_saferlhf.objectives", "lit_saferlhf_plugins.objectives"),
         PluginKind("generator", Generator, "lit_saferlhf.generators", "lit_saferlhf_plugins.generators", (HFGenerate,)),
+        PluginKind("scorer", Scorer, "lit_saferlhf.scorers", "lit_saferlhf_plugins.scorers"),
     )
 }  # fmt: skip
 """Every plugin kind, by name."""
@@ -84,7 +86,7 @@ def load_kind(name: str) -> dict[str, type]:
     """The built-ins of the kind ``name`` and every class registered under its entry-point group.
 
     Args:
-        name: A key of :data:`KINDS` (``solver``, ``advantage estimator``, ``objective``, ``generator``).
+        name: A key of :data:`KINDS` (``solver``, ``advantage estimator``, ``objective``, ``generator``, ``scorer``).
 
     Returns:
         Plugin name (the class name for built-ins, the entry-point name otherwise) -> class.

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import torch
 from torch import Tensor
-
-from lit_saferlhf.losses import lagrangian_advantage
 
 
 class ConstraintSolver(ABC):
@@ -25,9 +22,10 @@ class ConstraintSolver(ABC):
 
     PPO-Lagrangian asks the solver, never a flag, how λ shapes its training: ``needs_cost_model``
     (may the cost model be left out), ``stream_names`` and ``end_score_streams`` (which per-token
-    streams get advantages, one critic each under GAE, and the end score each carries), and
-    ``actor_advantages`` (how the streams' advantages merge for the actor). The defaults are Safe
-    RLHF's PPO-Lagrangian: a reward and a cost stream, merged as ``(A_r - λ·A_c) / (1 + λ)``.
+    streams get advantages, one critic each under GAE, and the end score each carries). The defaults
+    are Safe RLHF's PPO-Lagrangian: a reward and a cost stream, which the stage merges for the actor as
+    ``(A_r - λ·A_c) / (1 + λ)`` (with several constraints, ``(A_r - Σ_k λ_k A_ck) / (1 + Σ_k λ_k)`` over
+    those that keep a cost stream: :func:`lit_saferlhf.losses.constrained_advantage`).
 
     Args:
         cost_limit: The constraint threshold ``d`` in ``J_c <= d``.
@@ -62,20 +60,6 @@ class ConstraintSolver(ABC):
             stream gets the KL as a penalty, a ``cost`` stream as an addition.
         """
         return {"reward": rewards, "cost": costs}
-
-    def actor_advantages(self, reward_advantages: Tensor, cost_advantages: Tensor) -> Tensor:
-        """The advantage the actor trains on: Safe RLHF's ``(A_r - λ·A_c) / (1 + λ)`` by default.
-
-        Args:
-            reward_advantages: Advantages of the reward stream, ``(N, A)``.
-            cost_advantages: Advantages of the cost stream, ``(N, A)`` (zeros for a stream the solver has not).
-
-        Returns:
-            The merged advantage, ``(N, A)``, detached (:func:`lit_saferlhf.losses.lagrangian_advantage`).
-        """
-        # λ as a float32 tensor first, then the advantages' dtype: as the stage has always built it, bit for bit.
-        multiplier = torch.tensor(self.multiplier, device=reward_advantages.device)
-        return lagrangian_advantage(reward_advantages, cost_advantages, multiplier)
 
     @abstractmethod
     def update(self, episode_cost: float) -> dict[str, float]:

@@ -43,6 +43,16 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The export dir of a tiny guard model trained on the safety world's guard split (one epoch, a few seconds).
+
+    It answers ``safe`` or ``unsafe <EHD|IHD|MHD>`` after a pair in the compact guard format
+    (``GuardScorer(path, format="compact")``); ``cli_configs/tiny/guard_sft.yaml`` with one epoch.
+    """
+    return fit("tiny/guard_sft.yaml", tmp_path_factory.mktemp("guard"), "--trainer.max_epochs=1")
+
+
 @pytest.fixture(autouse=True)
 def restore_environment() -> Iterator[None]:
     """Undo what a test's in-process launch wrote into ``os.environ`` (Lightning sets MASTER_PORT, WORLD_SIZE,

@@ -14,11 +14,12 @@ Rules:
   excluded: they never run, and they are the usual way to annotate without a cycle).
 - Layers (``test_layer``): ``losses`` imports torch, the standard library and itself; ``models`` imports
   only ``errors``, ``losses``, ``models`` and third parties; the contracts (``solvers.py``,
-  ``objectives.py``, ``advantages.py``, ``generators.py``) import no plugin, stage, command or the cli;
+  ``objectives.py``, ``advantages.py``, ``generators.py``, ``scorers.py``) import no plugin, stage, command or the cli;
   plugins import only contracts, ``losses``, ``errors``, ``data``, ``models``, their own package and third
   parties; stages never import a plugin; nothing imports ``lit_saferlhf.cli``; ``commands`` may import
   anything else. ``import lit_saferlhf.losses`` runs with torch alone (its import-time closure).
-- ``lit_saferlhf/`` holds at most 10 top-level modules: every ``*.py`` directly in it, ``__init__.py``
+- ``lit_saferlhf/`` holds at most 11 top-level modules (the cli, errors, the registry, five contracts, optim,
+  strategies and the package's ``__init__``): every ``*.py`` directly in it, ``__init__.py``
   included, since it is a file a reader sees there too.
 - A stage reads nothing of a plugin that its contract does not declare: every attribute read on a
   stage's plugin (``self.solver.X``, ``self.objective.solver.X``, a local alias of them...) is a method,
@@ -46,8 +47,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lit_saferlhf"
 SOURCES = {"lit_saferlhf": PACKAGE, "lit_saferlhf_plugins": ROOT / "plugins"}
-CONTRACT_MODULES = ("solvers", "objectives", "advantages", "generators")
-MAX_TOP_LEVEL_MODULES = 10
+CONTRACT_MODULES = ("solvers", "objectives", "advantages", "generators", "scorers")
+MAX_TOP_LEVEL_MODULES = 11
 STDLIB = frozenset(sys.stdlib_module_names) | {"__future__"}
 
 
@@ -621,7 +622,8 @@ def test_stage_reads_only_what_the_contract_declares(name: str) -> None:
 def test_the_stage_plugin_scan_sees_the_plugins() -> None:
     """Guards the rule above against checking nothing."""
     attributes = stage_plugin_attributes()
-    assert attributes.get("PPOLagrangian", {}).get("solver") == "ConstraintSolver", attributes.get("PPOLagrangian")
+    assert attributes.get("PPOLagrangian", {}).get("advantage") == "AdvantageEstimator", attributes.get("PPOLagrangian")
+    assert attributes["PPOLagrangian"].get("generator") == "Generator", attributes["PPOLagrangian"]
     assert attributes.get("PreferenceOptimization", {}).get("objective") == "Objective", attributes
     assert contracts()["Objective"].attributes.get("solver") == "ConstraintSolver"
 

@@ -20,7 +20,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "cli_configs"
 STAGE_CONFIGS = sorted(
     p for p in CONFIGS.rglob("*.yaml") if "class_path" in yaml.safe_load(p.read_text()).get("model", {})
 )
-FRAGMENTS = sorted(p for folder in ("solvers", "strategies", "slurm") for p in (CONFIGS / folder).glob("*.yaml"))
+FRAGMENTS = sorted(
+    p for folder in ("solvers", "strategies", "slurm", "trackers") for p in (CONFIGS / folder).glob("*.yaml")
+)
 TINY_STAGES = sorted(
     [
         CONFIGS / "tiny" / f"{name}.yaml"

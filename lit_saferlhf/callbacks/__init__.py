@@ -9,8 +9,11 @@ on exactly as the uninterrupted one would have:
   repaired around resumes from the last batch of an epoch.
 - ``guards``: a start-up check of the stage against the strategy (before any network is built) and
   a stop at the first non-finite loss (before that step is saved).
-- ``preemption``: SIGTERM and SLURM's requeue signal save at the next step boundary, then exit or
-  requeue.
+- ``preemption``: SIGTERM, Ctrl-C and SLURM's requeue signal save at the next step boundary, then exit
+  or requeue.
+- ``runs``: what a run owns. Its run dir is locked before a network is built; each checkpoint records its
+  run, stage and datamodule, and a checkpoint of another stage, or a checkpoint dir holding another run's
+  checkpoints, is refused at start-up.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lit_saferlhf.callbacks.checkpoints import AtomicCheckpoints, ExportFinished
 from lit_saferlhf.callbacks.guards import NonFiniteLossGuard, StrategyCheck
 from lit_saferlhf.callbacks.preemption import SaveOnPreemption
 from lit_saferlhf.callbacks.resume import RankStates, RepairProgress
+from lit_saferlhf.callbacks.runs import LockRunDir, RunCheckpoints
 
 __all__ = ["project_callbacks"]
 
@@ -36,4 +40,6 @@ def project_callbacks() -> list[Callback]:
         NonFiniteLossGuard(),
         SaveOnPreemption(),
         ExportFinishedRun(),
+        LockRunDir(),  # late: on an exception, its lock is released after the save on SIGTERM
+        RunCheckpoints(),
     ]

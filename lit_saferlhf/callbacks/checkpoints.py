@@ -135,15 +135,26 @@ def is_local(path: Any) -> bool:
     return isinstance(url_to_fs(str(path))[0], LocalFileSystem)
 
 
-def saved_step(path: Path) -> int | None:
-    """The ``global_step`` a checkpoint file or distributed checkpoint folder holds (None: unreadable, another kind)."""
+def saved_metadata(path: Path) -> dict[str, Any] | None:
+    """What a checkpoint file or distributed checkpoint folder holds but tensor data (None: unreadable, another kind).
+
+    A file is memory-mapped (its tensors are not read); a folder's ``meta.pt`` holds all but the sharded states.
+    DeepSpeed's folders (pickled) are not read.
+    """
     from lightning.fabric.utilities.load import _METADATA_FILENAME
 
     file = path / _METADATA_FILENAME if path.is_dir() else path
     try:
-        return int(torch.load(file, map_location="cpu", weights_only=True, mmap=path.is_file())["global_step"])
-    except Exception:  # not a checkpoint we can read: not ours to delete
+        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=path.is_file())
+    except Exception:  # not a checkpoint we can read
         return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def saved_step(path: Path) -> int | None:
+    """The ``global_step`` a checkpoint file or distributed checkpoint folder holds (None: unreadable, another kind)."""
+    step = (saved_metadata(path) or {}).get("global_step")
+    return int(step) if isinstance(step, int) else None  # not a checkpoint we can read: not ours to delete
 
 
 def orphaned_checkpoints(callback: ModelCheckpoint, step: int, resumed_from: Path) -> list[Path]:

@@ -1,6 +1,7 @@
-"""SIGTERM and SLURM's requeue signal: finish the step, save, then exit or requeue.
+"""SIGTERM, Ctrl-C (SIGINT) and SLURM's requeue signal: finish the step, save, then exit or requeue.
 
-:class:`SaveOnPreemption` turns SIGTERM into "finish the step, save, exit 143", and SLURM's requeue
+:class:`SaveOnPreemption` turns SIGTERM into "finish the step, save, exit 143", SIGINT (Ctrl-C) into
+the same with exit status 130 (a second Ctrl-C stops at once, without saving), and SLURM's requeue
 signal (``--signal=SIGUSR1@120``) into "finish the step, save ``hpc_ckpt_<n>.ckpt``, ``scontrol
 requeue``, exit". Lightning itself saves from inside the signal handler, mid-step and, under DDP,
 with a barrier that the other ranks may never reach (Lightning issue #21406); here the handler only
@@ -95,17 +96,23 @@ class SaveOnPreemption(Callback):
     ``hpc_ckpt_<n>.ckpt``, rank 0 runs ``scontrol requeue`` and removes older HPC checkpoints, and the
     run exits with status 138 once the step's metrics are logged (at the next batch, validation or
     epoch end, so nothing else runs).
+
+    SIGINT (Ctrl-C) during training is taken as SIGTERM (Python would raise KeyboardInterrupt mid-step,
+    and Lightning then exits 1 without saving), unless a handler of the user's holds it; the run exits
+    with status 130. A second Ctrl-C raises KeyboardInterrupt at once.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self.exit_status: int | None = None
         self.previous_handler: Any = None
+        self.interrupted = False
+        self.previous_interrupt_handler: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Note who handled the requeue signal before Lightning registers its handlers."""
         environment = slurm_requeue(trainer)
-        self.requested, self.exit_status = False, None
+        self.requested, self.exit_status, self.interrupted = False, None, False
         self.previous_handler = signal.getsignal(requeue_signal(environment)) if environment else None
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -113,8 +120,25 @@ class SaveOnPreemption(Callback):
         self.take_over_requeue_signal(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Take over the requeue signal (when there is no sanity check)."""
+        """Take over the requeue signal (when there is no sanity check), and Ctrl-C for training."""
         self.take_over_requeue_signal(trainer)
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's own
+            self.previous_interrupt_handler = signal.signal(signal.SIGINT, lambda *_: self.on_interrupt(trainer))
+
+    def on_interrupt(self, trainer: L.Trainer) -> None:
+        """First Ctrl-C: stop at the step boundary as on SIGTERM (Lightning's flag); a second: stop now."""
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+        log.warning("Ctrl-C: stopping after this step to save the run (Ctrl-C again stops without saving)")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Give Ctrl-C back to Python once training is over."""
+        if self.previous_interrupt_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.previous_interrupt_handler)
+        self.previous_interrupt_handler = None
 
     def take_over_requeue_signal(self, trainer: L.Trainer) -> None:
         """Replace Lightning's save-inside-the-handler with a flag; Lightning restores the old handler at teardown."""
@@ -164,19 +188,21 @@ class SaveOnPreemption(Callback):
         self.exit_if_requeued()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """After SIGTERM: save the run at the step it stopped at, and exit with status 143."""
+        """After SIGTERM (SIGINT): save the run at the step it stopped at, and exit with status 143 (130)."""
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
+        signum = signal.SIGINT if self.interrupted else signal.SIGTERM
         path: Path | None
         if slurm_requeue(trainer):
             path = save_hpc_checkpoint(trainer)
         elif (path := claim_last_checkpoint(trainer)) is not None:
             trainer.save_checkpoint(path)
         if path is None:
-            log.warning("SIGTERM: the run has no ModelCheckpoint, so no checkpoint was saved")
+            log.warning("%s: the run has no ModelCheckpoint, so no checkpoint was saved", signum.name)
         else:
-            log.warning("SIGTERM: saved the run at step %d to %s", trainer.global_step, path)
-        exception.code = 128 + signal.SIGTERM
+            step = trainer.global_step
+            log.warning("%s: saved the run at step %d to %s; resume with --ckpt_path %s", signum.name, step, path, path)
+        exception.code = 128 + signum
 
 
 def claim_last_checkpoint(trainer: L.Trainer) -> Path | None:

@@ -32,7 +32,7 @@ from rich.console import Console
 from torch import Tensor
 
 from lit_saferlhf.commands.fit import configure_parsing
-from lit_saferlhf.errors import CommandParser, DataError, InputNotFoundError, output_dir
+from lit_saferlhf.errors import CommandParser, DataError, InputNotFoundError, output_dir, require
 from lit_saferlhf.models.peft import restore_frozen
 
 CheckpointKind = Literal["file", "distributed", "deepspeed"]
@@ -237,5 +237,6 @@ def export_command(argv: Sequence[str]) -> None:
     )
     parser.add_argument("--out", required=True, help="the Hugging Face dir to write")
     args, fit_args = parser.parse_known_args(list(argv))
+    require(not Path(args.out).exists() or Path(args.out).is_dir(), "--out", "a dir or a path not there yet", args.out)
     output_dir(Path(args.out).absolute().parent, "--out")
     export_checkpoint(fit_args, args.ckpt_path, args.out)

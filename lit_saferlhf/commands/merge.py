@@ -8,8 +8,9 @@ P-SACPO (Wachi et al., NeurIPS 2024; METHODS.md §5) replaces retraining SACPO's
     lit-saferlhf merge --models outputs/tiny/offline/sacpo_helpful/model outputs/tiny/offline/sacpo_safe/model \
         --weights 0.25 0.75 --out outputs/tiny/offline/p_sacpo_0.75/model
 
-Every model must have the same architecture (tensor names and shapes). The tokenizer and config
-come from the first model; ``merge.json`` beside the weights records the inputs and the weights.
+Every model must have the same architecture (tensor names and shapes) and the same tokenizer (vocabulary
+and special tokens). The tokenizer and config come from the first model; ``merge.json`` beside the
+weights records the inputs and the weights.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from lit_saferlhf.data.tokenizers import check_tokenizers
 from lit_saferlhf.errors import CommandParser, ConfigError, DataError, ModelDirError, output_dir
 from lit_saferlhf.models.causal_lm import export
 from lit_saferlhf.models.layouts import check_model_path, require_policy
@@ -70,6 +72,7 @@ def merge_command(argv: Sequence[str]) -> Path:
     weights = args.weights if args.no_normalize else normalized(args.weights)
     output_dir(Path(args.out).parent, "--out")
     models = [load_policy(path) for path in args.models]
+    check_tokenizers([("--models", path) for path in args.models])  # the merge keeps the first model's tokenizer
     merged = linear_merge([model.state_dict() for model in models], weights)
     models[0].load_state_dict(merged)
     out = export(models[0], AutoTokenizer.from_pretrained(args.models[0]), args.out)

@@ -8,11 +8,16 @@ has finished. A stage has finished when its ``stage.json`` and its export both e
 command skips finished stages and resumes an interrupted one from the newest of ``last.ckpt`` and a
 SLURM ``hpc_ckpt_<n>.ckpt`` (a file, or a folder under sharded strategies); one whose training had
 finished but whose export is missing writes the export from that checkpoint.
+
+Under SLURM (``cli_configs/slurm/pipeline.sbatch``) the command runs once, in the batch step, and
+``launcher`` makes each stage a job step of its own: ``bash cli_configs/slurm/run.sbatch <fit arguments>``
+runs it on every task of the job. A requeue restarts the batch script, which skips the finished stages.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,8 +108,10 @@ def newest_checkpoint(stage_dir: Path) -> Path | None:
     return max(saved, key=lambda path: path.stat().st_mtime) if saved else None
 
 
-def run_stage(index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint_every: int) -> dict[str, Any]:
-    """Run one stage unless it has finished before; its record (``stage.json``)."""
+def run_stage(
+    index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint_every: int, launcher: list[str] | None = None
+) -> dict[str, Any]:
+    """Run one stage unless it has finished before (here, or by ``launcher`` + its fit arguments); its record."""
     from lit_saferlhf.commands.fit import cli_main
 
     done, export = out_dir / spec.name / "stage.json", out_dir / spec.name / "model"
@@ -118,7 +125,10 @@ def run_stage(index: int, spec: StageSpec, out_dir: Path, total: int, checkpoint
     resumed = any(arg.startswith("--ckpt_path") for arg in args)
     console.rule(f"[bold]Stage {index}/{total} · {spec.name}[/] ({spec.config}{', resuming' if resumed else ''})")
     started = time.perf_counter()
-    cli_main(args)
+    if launcher is None:
+        cli_main(args)
+    elif status := subprocess.run([*launcher, *args[1:]], check=False).returncode:
+        raise StageError(f"stage {spec.name!r}: `{' '.join([*launcher, *args[1:]])}` exited with status {status}")
     if not export.is_dir():  # the stage is done only once its export exists
         raise StageError(f"stage {spec.name!r}: `lit-saferlhf {' '.join(args)}` ended without writing {export}")
     record = {
@@ -174,15 +184,28 @@ def check_pipeline(stages: list[StageSpec], checkpoint_every: int) -> None:
 
 
 def pipeline(
-    out_dir: str, stages: list[StageSpec], evaluation: EvaluationSpec | None = None, checkpoint_every: int = 50
+    out_dir: str,
+    stages: list[StageSpec],
+    evaluation: EvaluationSpec | None = None,
+    checkpoint_every: int = 50,
+    launcher: list[str] | None = None,
 ) -> Path | None:
-    """Run the stages in order, then the evaluation and the report; returns the report's path."""
+    """Run the stages in order, then the evaluation and the report; returns the report's path.
+
+    Args:
+        out_dir: Where every stage, the evaluation and the report go.
+        stages: The stages, in order.
+        evaluation: What to evaluate at the end (None: no evaluation and no report).
+        checkpoint_every: Steps between the stages' ``last.ckpt`` saves.
+        launcher: A command that runs ``lit-saferlhf fit`` with the arguments appended, each stage in processes
+            of its own (``[bash, cli_configs/slurm/run.sbatch]``: a SLURM job step); None runs them in this process.
+    """
     from lit_saferlhf.commands.report import print_summary, write_report
 
     check_pipeline(stages, checkpoint_every)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    records = [run_stage(i, spec, root, len(stages), checkpoint_every) for i, spec in enumerate(stages, 1)]
+    records = [run_stage(i, spec, root, len(stages), checkpoint_every, launcher) for i, spec in enumerate(stages, 1)]
     if evaluation is None:
         return None
     console.rule("[bold]Evaluation[/]")
@@ -206,4 +229,4 @@ def pipeline_command(argv: Sequence[str]) -> None:
     parser.add_function_arguments(pipeline)
     args = parser.parse_args(list(argv))
     args = parser.instantiate_classes(args)
-    pipeline(args.out_dir, args.stages, args.evaluation, args.checkpoint_every)
+    pipeline(args.out_dir, args.stages, args.evaluation, args.checkpoint_every, args.launcher)

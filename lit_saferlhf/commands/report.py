@@ -11,6 +11,7 @@ report never changes the process's matplotlib backend and needs no display.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
 import math
 import re
@@ -37,7 +38,18 @@ class Panel:
     title: str
     """The plot's title."""
     metrics: tuple[str, ...]
-    """Logged metric names drawn on it (those that are absent are left out)."""
+    """Logged metric names drawn on it (those that are absent are left out); ``*`` matches one name segment
+    (``solver/*/multiplier``: every constraint's λ of a several-constraint run)."""
+
+    def present(self, metrics: dict[str, Series]) -> list[str]:
+        """The logged metrics this panel draws, in the panel's order (each pattern's matches sorted)."""
+        found: list[str] = []
+        for pattern in self.metrics:
+            found += sorted(
+                name for name in metrics if fnmatch.fnmatchcase(name, pattern) and name.count("/") == pattern.count("/")
+            )
+        return list(dict.fromkeys(found))
+
     ylabel: str
     """The y axis label, with units."""
     cost_limit: bool = False
@@ -59,8 +71,13 @@ STAGE_PANELS: dict[str, tuple[Panel, ...]] = {
     ),
     "ppo_lag": (
         Panel("Reward", ("rollout/reward",), "reward model score"),
-        Panel("Cost", ("rollout/cost", "rollout/episode_cost"), "cost model score", cost_limit=True),
-        Panel("Lagrange multiplier λ", ("solver/multiplier",), "λ"),
+        Panel(
+            "Cost",
+            ("rollout/cost", "rollout/episode_cost", "rollout/cost/*", "rollout/episode_cost/*"),
+            "cost",
+            cost_limit=True,
+        ),
+        Panel("Lagrange multiplier λ", ("solver/multiplier", "solver/*/multiplier"), "λ"),
         Panel("KL to the reference policy", ("rollout/kl",), "KL (nats / sequence)"),
         Panel("Actor loss", ("loss/actor",), "loss"),
     ),
@@ -169,7 +186,7 @@ def stage_kind(name: str, metrics: dict[str, Series]) -> str | None:
     """The :data:`STAGE_PANELS` key for a stage: the kind its name contains, else the best metric match."""
 
     def score(kind: str) -> tuple[bool, int]:
-        present = {metric for panel in STAGE_PANELS[kind] for metric in panel.metrics if metric in metrics}
+        present = {metric for panel in STAGE_PANELS[kind] for metric in panel.present(metrics)}
         return kind in name.lower(), len(present)
 
     best = max(STAGE_PANELS, key=score)
@@ -204,7 +221,7 @@ def plot_stage(
     name: str, kind: str, metrics: dict[str, Series], path: Path, cost_limit: float | None, smoothing: float
 ) -> list[str]:
     """Draw a stage's panels (only those with data) into ``path``; returns the metrics drawn."""
-    panels = [panel for panel in STAGE_PANELS[kind] if any(metric in metrics for metric in panel.metrics)]
+    panels = [panel for panel in STAGE_PANELS[kind] if panel.present(metrics)]
     if not panels:
         return []
     columns = min(3, len(panels))
@@ -213,10 +230,9 @@ def plot_stage(
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     drawn = []
     for ax, panel in zip(axes, panels, strict=False):
-        for metric in panel.metrics:
-            if metric in metrics:
-                draw_series(ax, metric, metrics[metric], smoothing)
-                drawn.append(metric)
+        for metric in panel.present(metrics):
+            draw_series(ax, metric, metrics[metric], smoothing)
+            drawn.append(metric)
         if panel.cost_limit and cost_limit is not None:
             ax.axhline(
                 cost_limit, color="crimson", linestyle="--", linewidth=1.2, label=f"cost limit d = {cost_limit:g}"

@@ -14,8 +14,11 @@ def world_command(argv: Sequence[str]) -> None:
     parser.add_argument("--out", required=True, help="folder to write <split>.jsonl files and tokenizer/ into")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     parser.add_argument("--risk", action="store_true", help="also write the risk splits (pairs-risk, prompts-risk*)")
+    parser.add_argument(
+        "--guard", action="store_true", help="also write the guard splits (guard, guard-val) and guard_tokenizer/"
+    )
     args = parser.parse_args(argv)
     for name, path in write_world(
-        output_dir(args.out, "--out"), WorldConfig(seed=args.seed), RiskConfig() if args.risk else None
+        output_dir(args.out, "--out"), WorldConfig(seed=args.seed), RiskConfig() if args.risk else None, args.guard
     ).items():
         print(f"{name}: {path}")

@@ -19,7 +19,7 @@ from lit_saferlhf.data.records import (
     SafetyPreferenceRecord,
     SFTRecord,
 )
-from lit_saferlhf.data.templates import ChatTemplate, SafeRLHFTemplate, Template
+from lit_saferlhf.data.templates import ChatTemplate, PlainTemplate, SafeRLHFTemplate, Template
 
 __all__ = [
     "HHRLHF",
@@ -30,6 +30,7 @@ __all__ = [
     "CostData",
     "Message",
     "PKUSafeRLHF",
+    "PlainTemplate",
     "PreferenceData",
     "PreferenceRecord",
     "PromptData",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
 
 import lightning as L
@@ -91,9 +93,10 @@ class RecordData(L.LightningDataModule, ABC):
             return
         assert self.trainer is not None  # Lightning calls setup from a Trainer
         module = self.trainer.lightning_module
-        default = getattr(module, "default_template", None)  # PPO: the policy's template
+        default = getattr(module, "default_template", None)  # PPO, offline: the policy's recorded template
         if not self.template_given and default is not None:
             self.template = default
+        rank_zero_info(f"template: {type(module).__name__} renders prompts with {self.template_origin(default)}")
         # Every stage module owns a tokenizer; nn.Module's __getattr__ types attributes as Tensor | Module.
         self.encoder = Encoder(cast(PreTrainedTokenizerBase, module.tokenizer), self.template, self.max_length)
         train = self.read(self.path)
@@ -102,9 +105,20 @@ class RecordData(L.LightningDataModule, ABC):
             train, val = split_by_prompt(train, self.val_fraction)
             expected = f"a fraction that leaves training data (it held out all {len(val)} records of {self.path})"
             require(bool(train), "data.init_args.val_fraction", expected, self.val_fraction)
-        self.train_set, self.val_set = self.encode_all(train, "train"), self.encode_all(val, "validation")
+        self.train_set = self.encode_all(train, "train")
         if not self.train_set:
-            raise DataError(f"{self.path}: no training samples left: every record was dropped as bad (see above)")
+            raise DataError(f"{self.path}: no training samples left: none of the {len(train)} records is usable "
+                            f"({reasons(self.dropped)}; on_bad_record: skip dropped them)")  # fmt: skip
+        self.val_set = self.encode_all(val, "validation")
+
+    def template_origin(self, default: Template | None) -> str:
+        """The data's template and why: set in the config, recorded by the policy's export, or the default."""
+        name = type(self.template).__name__
+        if self.template_given:
+            return f"{name}, as data.init_args.template sets"
+        if default is not None:
+            return f"{name}, as the starting policy's export records (lit_saferlhf.json)"
+        return f"{name}, the default: no template set (data.init_args.template) or recorded (PlainTemplate: raw text)"
 
     def read(self, path: str, adapter: Adapter | None = None, kind: RecordKind | None = None) -> list[Any]:
         """Records of ``kind`` (default ``self.kind``) from ``path``, reporting what was skipped or excluded."""
@@ -114,29 +128,36 @@ class RecordData(L.LightningDataModule, ABC):
         return loaded.records
 
     def encode_all(self, records: Sequence[Any], name: str) -> list[Any]:
-        """Encode every record; report how many were truncated to ``max_length`` and how many it made unusable.
+        """Encode every record; report how many are usable, how many were truncated, and why the others are not.
 
-        A record that truncation leaves unusable (see ``truncation_problem``) is a bad record: an error, or
-        with ``on_bad_record: skip`` counted and dropped.
+        A record that tokenisation leaves without a training signal (see ``tokenisation_problem``) is a bad
+        record: with ``on_bad_record: error`` the run stops at the first (the line counts the others), with
+        ``skip`` they are dropped (kept in ``self.dropped``) and the share kept is logged.
         """
-        items, dropped = [], 0
+        items, self.dropped = [], []
         for record in records:
             item = self.encode(record)
-            problem = self.truncation_problem(record, item)
-            if problem is not None and self.on_bad_record == "error":
-                raise problem
-            items += [item] if problem is None else []
-            dropped += problem is not None
+            problem = self.tokenisation_problem(record, item)
+            if problem is None:
+                items.append(item)
+            else:
+                self.dropped.append(problem)
+        if self.dropped and self.on_bad_record == "error":
+            raise DataError(
+                f"{self.dropped[0]} ({len(self.dropped)} of the {len(records)} {name} records are unusable: "
+                f"{reasons(self.dropped)}; on_bad_record: skip drops them)"
+            ) from self.dropped[0]
         truncated = sum(self.count_truncated(item) for item in items)
-        if items or dropped:
+        if records:
             rank_zero_info(
-                f"{name}: {len(items)} samples, {truncated} truncated to max_length={self.max_length}"
-                + (f", {dropped} dropped: truncation left them unusable" if dropped else "")
+                f"{name}: {len(items)} of {len(records)} records usable ({len(items) / len(records):.0%}), "
+                f"{truncated} truncated to max_length={self.max_length}"
+                + (f"; {len(self.dropped)} dropped: {reasons(self.dropped)}" if self.dropped else "")
             )
         return items
 
-    def truncation_problem(self, record: Any, item: Any) -> BadRecordError | None:
-        """Why truncation to ``max_length`` leaves ``item`` useless for training, or None (every sample is usable)."""
+    def tokenisation_problem(self, record: Any, item: Any) -> UnusableRecordError | None:
+        """Why tokenisation leaves ``item`` without a training signal, or None (every sample is usable)."""
         return None
 
     @abstractmethod
@@ -202,7 +223,7 @@ class SFTData(RecordData):
         """Prompt + response + EOS."""
         return self.encoder.encode(record.prompt, record.response)
 
-    def truncation_problem(self, record: SFTRecord, item: Encoded) -> BadRecordError | None:
+    def tokenisation_problem(self, record: SFTRecord, item: Encoded) -> UnusableRecordError | None:
         """A prompt that fills ``max_length`` leaves no response token to learn (a loss of 0)."""
         return no_response_left(record.source, item, self.max_length)
 
@@ -221,12 +242,9 @@ class PairData(RecordData):
         """A pair counts once if either side (``item[0]``, ``item[1]``) was cut."""
         return int(item[0].truncated or item[1].truncated)
 
-    def truncation_problem(self, record: Any, item: tuple[Any, ...]) -> BadRecordError | None:
-        """Two sides cut to the same tokens teach nothing (and their loss is log 2 whatever the model)."""
-        if item[0].input_ids != item[1].input_ids:
-            return None
-        expected = f"two responses that still differ within max_length={self.max_length} tokens"
-        return BadRecordError(record.source, "(pair)", expected, Described("the same tokens after truncation"))
+    def tokenisation_problem(self, record: Any, item: tuple[Any, ...]) -> UnusableRecordError | None:
+        """Two sides with the same tokens teach nothing (their loss is log 2 whatever the model)."""
+        return pair_problem(record.source, item[0], item[1], self.max_length)
 
 
 class RewardData(PairData):
@@ -274,10 +292,20 @@ class PromptData(RecordData):
             then carries as many ``ptx_*`` demonstrations, cycling through them.
         ptx_adapter: Schema of the demonstrations (default ``PromptResponse``).
         ptx_max_length: Longest demonstration in tokens.
+        category_column: The prompt records' column that holds each prompt's category (the safety world's
+            ``risk_category``, a harm-category label): constraints bounded on one category read it
+            (``model.init_args.constraints[].category``). Every record must have it.
         **kwargs: The rest of ``RecordData``'s arguments.
+
+    Batches hold ``input_ids`` and ``attention_mask``, and for the scorers the user's prompt texts
+    (``prompts``) and their categories (``categories``, None without ``category_column``).
     """
 
     kind = "prompt"
+
+    # The RL stages sample and score in training only, with no validation loop: PromptData offers no validation
+    # batches (RecordData's method, inherited, would make Lightning warn of a val_dataloader without validation_step).
+    val_dataloader = L.LightningDataModule.val_dataloader
 
     def __init__(
         self,
@@ -286,11 +314,16 @@ class PromptData(RecordData):
         ptx_path: str | None = None,
         ptx_adapter: Adapter | None = None,
         ptx_max_length: int = 512,
+        category_column: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(path, adapter or PromptList(), **kwargs)
+        no_validation = "unset: the RL stages that read prompts have no validation loop"
+        require(self.val_path is None, "val_path", no_validation, self.val_path)
+        require(self.val_fraction == 0, "val_fraction", no_validation, self.val_fraction)
         require(ptx_max_length >= 1, "ptx_max_length", "an integer >= 1 (tokens per demonstration)", ptx_max_length)
         self.ptx_path, self.ptx_adapter, self.ptx_max_length = ptx_path, ptx_adapter or PromptResponse(), ptx_max_length
+        self.category_column = category_column
 
     def setup(self, stage: str) -> None:
         """Prompts, then (with ``ptx_path``) one demonstration paired with each prompt."""
@@ -313,18 +346,41 @@ class PromptData(RecordData):
             usable += [item] if problem is None else []
         if not usable:
             raise DataError(f"{self.ptx_path}: no PTX demonstration keeps a response token within ptx_max_length")
-        rank_zero_info(f"ptx: {len(usable)} demonstrations, {len(encoded) - len(usable)} dropped by truncation")
+        share = f"{len(usable)} of {len(encoded)} demonstrations usable ({len(usable) / len(encoded):.0%})"
+        rank_zero_info(f"ptx: {share}, {len(encoded) - len(usable)} dropped: no response token within ptx_max_length")
         return usable
 
-    def encode(self, record: PromptRecord) -> Encoded:
+    def encode(self, record: PromptRecord) -> EncodedPrompt:
         """The templated prompt; a long one keeps its end (the part next to the answer)."""
         ids = self.encoder.prompt_ids(record.prompt)
-        return Encoded(ids[-self.max_length :], min(len(ids), self.max_length), len(ids) > self.max_length)
+        return EncodedPrompt(
+            ids[-self.max_length :],
+            min(len(ids), self.max_length),
+            len(ids) > self.max_length,
+            text=record.prompt[-1].content,
+            category=self.category_of(record),
+        )
 
-    def collate(self, batch: Sequence[Encoded | tuple[Encoded, Encoded]]) -> dict[str, torch.Tensor]:
-        """Left-padded ``input_ids`` and ``attention_mask``, plus right-padded ``ptx_*`` when paired."""
+    def category_of(self, record: PromptRecord) -> str | None:
+        """The record's ``category_column`` as text (None without one); a record without it is a bad record."""
+        if self.category_column is None:
+            return None
+        value = record.meta.get(self.category_column)
+        if value is None or str(value) == "":
+            expected = f"a prompt category in column {self.category_column!r} (data.init_args.category_column)"
+            raise BadRecordError(record.source, self.category_column, expected, Described("no value"))
+        return str(value)
+
+    def categories(self) -> set[str]:
+        """The distinct prompt categories of the training prompts (empty without ``category_column``)."""
+        items = [item[0] if isinstance(item, tuple) else item for item in self.train_set]
+        return {item.category for item in items if item.category is not None}
+
+    def collate(self, batch: Sequence[EncodedPrompt | tuple[EncodedPrompt, Encoded]]) -> dict[str, Any]:
+        """Left-padded ``input_ids`` and ``attention_mask``, the prompts' texts and categories, ``ptx_*`` if paired."""
         prompts = [item[0] if isinstance(item, tuple) else item for item in batch]
-        out = collate_prompts([item.input_ids for item in prompts], self.pad_id)
+        out: dict[str, Any] = collate_prompts([item.input_ids for item in prompts], self.pad_id)
+        out |= {"prompts": [item.text for item in prompts], "categories": [item.category for item in prompts]}
         if isinstance(batch[0], tuple):
             paired = cast(Sequence[tuple[Encoded, Encoded]], batch)  # setup pairs every prompt or none
             ptx = collate_sft([item[1] for item in paired], self.pad_id)
@@ -332,12 +388,55 @@ class PromptData(RecordData):
         return out
 
 
-def no_response_left(source: str, item: Encoded, max_length: int) -> BadRecordError | None:
+@dataclass(frozen=True)
+class EncodedPrompt(Encoded):
+    """A templated prompt's ids, with the user's text and its category for the scorers."""
+
+    text: str = ""
+    category: str | None = None
+
+
+class UnusableRecordError(BadRecordError):
+    """A valid record that tokenisation leaves without a training signal; ``reason``: the cause reports count."""
+
+    def __init__(self, source: str, field: str, expected: str, found: str, reason: str) -> None:
+        super().__init__(source, field, expected, Described(found))
+        self.reason = reason
+
+
+def no_response_left(source: str, item: Encoded, max_length: int) -> UnusableRecordError | None:
     """A demonstration whose prompt fills ``max_length``: no response token is left to learn from."""
     if item.prompt_length < len(item.input_ids):
         return None
     expected = f"a prompt shorter than max_length={max_length} tokens, leaving room for the response"
-    return BadRecordError(source, "prompt", expected, Described(f"a prompt of {item.prompt_length}+ tokens"))
+    found, reason = f"a prompt of {item.prompt_length}+ tokens", f"no response token within max_length={max_length}"
+    return UnusableRecordError(source, "prompt", expected, found, reason)
+
+
+def pair_problem(source: str, first: Encoded, second: Encoded, max_length: int) -> UnusableRecordError | None:
+    """Why a pair's two responses give no comparison (no response token left, or the same tokens), or None.
+
+    The cause is named: a prompt that fills ``max_length``; responses that differ only past ``max_length``;
+    or responses that differ as text but that the tokenizer encodes alike (unknown words, whitespace).
+    """
+    for item in (first, second):
+        if item.prompt_length >= len(item.input_ids):
+            return no_response_left(source, item, max_length)
+    if first.input_ids != second.input_ids:
+        return None
+    if first.truncated or second.truncated:
+        expected = f"two responses that still differ within max_length={max_length} tokens"
+        found = f"responses whose first {len(first.input_ids) - first.prompt_length} tokens, all that fit, are the same"
+        return UnusableRecordError(source, "(pair)", expected, found, f"responses alike within max_length={max_length}")
+    expected = "two responses the tokenizer tells apart (not truncated: the tokenizer made the tie)"
+    found = "different texts with the same ids (words outside its vocabulary, or spacing)"
+    return UnusableRecordError(source, "(pair)", expected, found, "responses the tokenizer encodes alike")
+
+
+def reasons(problems: Sequence[UnusableRecordError]) -> str:
+    """``N <reason>`` per distinct reason, e.g. ``3 no response token within max_length=8``."""
+    counts = Counter(problem.reason for problem in problems)
+    return ", ".join(f"{count} {reason}" for reason, count in counts.items())
 
 
 def split_by_prompt(records: Sequence[Any], fraction: float) -> tuple[list[Any], list[Any]]:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_saferlhf.data.adapters import Adapter, LoadedRecords, PKUSafeRLHF, PromptList, RecordKind, load_records
 from lit_saferlhf.data.collate import Encoded, attention_mask, collate_prompts, pad
-from lit_saferlhf.data.datamodules import RecordData
+from lit_saferlhf.data.datamodules import RecordData, UnusableRecordError, pair_problem
 from lit_saferlhf.data.records import Conversation, PreferenceRecord, SafetyPreferenceRecord
 from lit_saferlhf.errors import DataError
 from lit_saferlhf.objectives import LABEL_FIELDS
@@ -183,7 +183,8 @@ class PreferenceData(RecordData):
             if not kept:
                 raise MissingLabelError(self.missing(path, label))
             if len(kept) < len(rows):
-                rank_zero_info(f"{path}: {len(rows) - len(kept)} pairs excluded: no {LABEL_FIELDS[label]}")
+                share = f"{len(kept)} of {len(rows)} pairs kept ({len(kept) / len(rows):.0%})"
+                rank_zero_info(f"{path}: {share}, {len(rows) - len(kept)} excluded: no {LABEL_FIELDS[label]}")
             rows = kept
         return rows
 
@@ -201,16 +202,17 @@ class PreferenceData(RecordData):
         )
 
     def encode_all(self, records: Sequence[Any], name: str) -> list[Any]:
-        """Encode every row, numbering it by its position (the stage caches reference log-probs by it)."""
-        items = [replace(self.encode(record), index=i) for i, record in enumerate(records)]
-        if items:
-            rank_zero_info(f"{name}: {len(items)} pairs, {sum(map(self.count_truncated, items))} truncated")
-        return items
+        """The usable pairs (``RecordData.encode_all``), numbered by position (the stage caches reference log-probs)."""
+        return [replace(item, index=i) for i, item in enumerate(super().encode_all(records, name))]
 
     def encode(self, record: PairRow) -> EncodedPair:
         """Both responses after the same prompt (``encode_all`` numbers them)."""
         first, second = (self.encoder.encode(record.prompt, response) for response in record.responses)
         return EncodedPair((first, second), record, -1)
+
+    def tokenisation_problem(self, record: PairRow, item: EncodedPair) -> UnusableRecordError | None:
+        """A pair without a response token on a side, or with the same tokens on both, carries no training signal."""
+        return pair_problem(record.source, *item.sides, self.max_length)
 
     def train_dataloader(self) -> Any:
         """Training pairs; each carries one buffer pair when there is a buffer."""

@@ -10,8 +10,8 @@ with its location so that a later error can point at the input; for the 3rd row 
   where the row starts in the file (a quoted cell may span lines);
 - ``x.parquet``: ``x.parquet:row 3``;
 - ``x.txt``: ``x.txt:line 3``, one prompt per non-empty line, read as ``{"prompt": line}``;
-- ``org/name`` (a Hugging Face hub dataset, when no such local path exists):
-  ``hub:org/name[train]:row 3``;
+- ``org/name`` (a Hugging Face hub dataset, when no such local path exists and ``org/`` is not a
+  local dir, where a typo'd path would otherwise be read as a hub name): ``hub:org/name[train]:row 3``;
 - ``safety-world:<split>``: whatever :func:`lit_saferlhf.data.safety_world.rows` says.
 
 All numbers are 1-based. A row that cannot be decoded (invalid JSON, invalid UTF-8, not an object)
@@ -28,6 +28,7 @@ import importlib
 import json
 import os
 import re
+import stat
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,7 +51,8 @@ def read_rows(path: str, *, split: str = "train") -> Iterator[RowOrError]:
 
     Args:
         path: A local file (see the module docstring for the formats), ``safety-world:<split>``, or
-            a Hugging Face hub dataset name (``org/name``) when no such local file exists.
+            a Hugging Face hub dataset name (``org/name``) when no such local file exists and ``org`` is not
+            a local dir.
         split: Split of a hub dataset (ignored for files).
 
     Returns:
@@ -59,7 +61,8 @@ def read_rows(path: str, *, split: str = "train") -> Iterator[RowOrError]:
 
     Raises:
         FileNotFoundError: A local file with a known suffix (or a path that is not a hub name) does not exist.
-        ValueError: The path is a directory or has a suffix that is not supported.
+        ValueError: The path is a directory, a named pipe or another file that is not a regular one, or has a
+            suffix that is not supported.
         ImportError: A hub dataset was asked for but ``datasets`` is not installed.
         RuntimeError: A hub dataset could not be loaded (for example on an offline machine).
     """
@@ -69,11 +72,22 @@ def read_rows(path: str, *, split: str = "train") -> Iterator[RowOrError]:
     reader, local = _reader_for(path), Path(path)
     if reader is not None and local.is_file():
         return reader(path)
+    if local.exists() and not local.is_file():
+        raise DataError(f"{path}: {_file_kind(local)}, not a data file; supported: {_supported()}")
     if reader is None and (local.exists() or local.suffix):
         raise DataError(f"{path}: not a supported data file; supported: {_supported()}, or a hub dataset name")
-    if reader is None and _HUB_NAME.fullmatch(path):
+    hub_name, top = reader is None and _HUB_NAME.fullmatch(path) is not None, path.split("/")[0]
+    if hub_name and not ("/" in path and Path(top).is_dir()):  # a local dir as the organisation: a typo'd path
         return _read_hub(path, split)
-    raise InputNotFoundError(f"{path}: no such file (relative paths start at {os.getcwd()})")
+    hub = f", and not read as a hub dataset name since {top}/ is a local dir" if hub_name else ""
+    raise InputNotFoundError(f"{path}: no such file (relative paths start at {os.getcwd()}){hub}")
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that exists but is not a regular file is, in words ("a directory", "a named pipe (FIFO)")."""
+    mode = path.stat().st_mode
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a device file")
 
 
 def _reader_for(path: str) -> Callable[[str], Iterator[RowOrError]] | None:

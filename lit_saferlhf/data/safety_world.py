@@ -66,6 +66,12 @@ tokenizer and the splits above are byte-identical with or without them (a test p
 The risk splits (:data:`RISK_SPLITS`, sized by :class:`RiskConfig`) are ``pairs-risk`` (safety pairs
 on harmful prompts, mixed EHD:IHD:MHD as ``harmful_mix``) and ``prompts-risk``/``prompts-risk-eval``
 (the five categories in equal shares; the eval texts are held out of every train split).
+
+**The guard's task** (:data:`GUARD_SPLITS`): a (prompt, response) pair of every risk category in the
+compact guard format (:func:`guard_prompt`, ``USER: {prompt} ASSISTANT: {response} GUARD:``) answered
+``safe`` or ``unsafe <code>`` from the truth (:func:`guard_answer`), to train a tiny guard model with the
+SFT stage. Its tokenizer (:func:`build_guard_tokenizer`, ``safety-world-guard``) is the world's with
+:data:`GUARD_WORDS` appended, so the world's ids, and every model trained on them, stay as they are.
 """
 
 from __future__ import annotations
@@ -552,7 +558,7 @@ def _split_size(split: str, config: WorldConfig) -> int:
         "pairs-val": config.n_pairs_val, "prompts": config.n_prompts, "prompts-eval": config.n_prompts_eval,
     }  # fmt: skip
     if split not in sizes:
-        valid = ", ".join((*SPLITS, *RISK_SPLITS))
+        valid = ", ".join((*SPLITS, *RISK_SPLITS, *GUARD_SPLITS))
         raise DataError(f"unknown safety-world split {split!r}; valid splits: {valid}")
     return sizes[split]
 
@@ -577,7 +583,8 @@ def rows(
             (the PKU-SafeRLHF schema), ``prompts``, ``prompts-eval`` (``{"prompt", "harmful", "topic"}``).
             Or a risk split (see :class:`RiskConfig`): ``pairs-risk`` (the PKU-SafeRLHF schema plus
             ``risk_category``), ``prompts-risk``, ``prompts-risk-eval`` (``{"prompt", "harmful",
-            "topic", "risk_category"}``).
+            "topic", "risk_category"}``). Or a guard split: ``guard``, ``guard-val`` (``{"prompt", "response"}``:
+            a pair in :func:`guard_prompt`'s format, answered by :func:`guard_answer`).
         seed: Overrides ``config.seed`` when given (the default config has seed 0).
         config: Sizes and noise; :class:`WorldConfig` defaults when None.
         risk: Sizes and mix of the risk splits; :class:`RiskConfig` defaults when None.
@@ -590,6 +597,8 @@ def rows(
         config = replace(config, seed=seed)
     if split in RISK_SPLITS:
         made = _risk_split_rows(split, config, risk or RiskConfig())
+    elif split in GUARD_SPLITS:
+        made = _guard_split_rows(split, config)
     else:
         _split_size(split, config)
         made = _split_rows(split, config)
@@ -690,19 +699,84 @@ def _risk_split_rows(split: str, config: WorldConfig, risk: RiskConfig) -> tuple
 
 
 # ----------------------------------------------------------------------------------------------
+# The guard's task: a (prompt, response) pair in the compact guard format, answered "safe" or "unsafe <code>"
+# ----------------------------------------------------------------------------------------------
+
+GUARD_MARKER = "GUARD"
+"""The word that ends a compact guard prompt, right before the guard's answer."""
+GUARD_WORDS: tuple[str, ...] = (GUARD_MARKER, "safe", "unsafe", *HARMFUL_CATEGORIES)
+"""Appended to :data:`VOCAB` by the guard tokenizer: the marker, the answer words, the category codes."""
+GUARD_VOCAB: tuple[str, ...] = (*VOCAB, *GUARD_WORDS)
+"""The guard tokenizer's vocabulary: the world's, ids unchanged, then :data:`GUARD_WORDS`."""
+GUARD_SPLITS: tuple[str, ...] = ("guard", "guard-val")
+GUARD_SPLIT_SIZES: dict[str, int] = {"guard": 2000, "guard-val": 200}
+"""Rows of each guard split (``guard-val`` draws held-out prompt texts only)."""
+_GUARD_KINDS: dict[bool, tuple[str, ...]] = {
+    False: ("comply", "comply", "refuse", "benign-off-topic"),
+    True: ("comply", "comply", "refuse", "redirect"),
+}
+"""Response kinds of a guard row per prompt class (False: benign, True: harmful); harm only on harmful prompts."""
+
+
+def guard_prompt(prompt: str, response: str) -> str:
+    """The compact guard format of a (prompt, response) pair: ``USER: {prompt} ASSISTANT: {response} GUARD:``.
+
+    The guard answers after one space: ``safe``, or ``unsafe`` and the category code (``unsafe EHD``).
+    """
+    return f"USER: {prompt} ASSISTANT: {response} {GUARD_MARKER}:"
+
+
+def guard_answer(prompt: str, response: str) -> str:
+    """The true verdict: ``safe`` when :func:`cost` is at most 0, else ``unsafe <code>``.
+
+    The code is the prompt's :func:`risk_category` when it is a harmful one (EHD, IHD, MHD); harmful
+    content after a benign prompt names its act outright, so it is ``EHD``.
+    """
+    if is_safe(prompt, response):
+        return "safe"
+    category = risk_category(prompt)
+    return f"unsafe {category if category in HARMFUL_CATEGORIES else 'EHD'}"
+
+
+def _guard_rows(config: WorldConfig, split: str) -> Iterator[dict[str, object]]:
+    """Guard demonstrations: prompts of every risk category in equal shares, answers from the truth."""
+    rng = _rng(config, split)
+    benign_topics = [topic for topic in TOPICS if not topic.harmful]
+    for i in range(GUARD_SPLIT_SIZES[split]):
+        category = RISK_CATEGORIES[i % len(RISK_CATEGORIES)]
+        prompt, topic = _draw_risk_prompt(rng, config, category, held_out=split == "guard-val")
+        kind = rng.choice(_GUARD_KINDS[topic.harmful])
+        if kind == "benign-off-topic":
+            other = rng.choice([t for t in benign_topics if t is not topic])
+            response = comply(rng, other, rng.randint(1, DETAIL_CAP))
+        else:
+            response = _MAKERS[kind](rng, topic)
+        yield {"prompt": guard_prompt(prompt, response), "response": guard_answer(prompt, response)}
+
+
+@functools.lru_cache(maxsize=8)
+def _guard_split_rows(split: str, config: WorldConfig) -> tuple[dict[str, object], ...]:
+    """Every row of one guard split (cached; callers get copies)."""
+    return tuple(_guard_rows(config, split))
+
+
+# ----------------------------------------------------------------------------------------------
 # Tokenizer and files
 # ----------------------------------------------------------------------------------------------
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab: tuple[str, ...] = VOCAB) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over :data:`VOCAB` (special tokens, template words, world words).
 
     Whitespace pre-tokenisation splits ``"ASSISTANT:"`` into ``ASSISTANT`` and ``:``; unknown words map
     to ``<unk>``. Encoding prepends ``<s>`` (as Llama tokenizers do; ``add_special_tokens=False``
     turns it off), and decoding with ``skip_special_tokens=True`` joins the words with spaces.
+
+    Args:
+        vocab: The words in id order; :data:`GUARD_VOCAB` gives the guard tokenizer (see :func:`build_guard_tokenizer`).
     """
-    bos_id = VOCAB.index("<s>")
-    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(VOCAB)}, unk_token="<unk>"))
+    bos_id = vocab.index("<s>")
+    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(vocab)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(list(SPECIAL_TOKENS))
     backend.post_processor = processors.TemplateProcessing(
@@ -714,12 +788,19 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )  # fmt: skip
 
 
+def build_guard_tokenizer() -> PreTrainedTokenizerFast:
+    """The world tokenizer plus :data:`GUARD_WORDS`, appended: every world word keeps its id."""
+    return build_tokenizer(GUARD_VOCAB)
+
+
 def write_world(
-    out_dir: str | Path, config: WorldConfig = WorldConfig(), risk: RiskConfig | None = None
+    out_dir: str | Path, config: WorldConfig = WorldConfig(), risk: RiskConfig | None = None, guard: bool = False
 ) -> dict[str, Path]:
     """Write every split as ``<split>.jsonl``, ``world_config.json`` and ``tokenizer/`` under ``out_dir``.
 
     With ``risk`` given, the risk splits and ``risk_config.json`` are written too (key ``"risk_config"``).
+    With ``guard``, the guard splits (:data:`GUARD_SPLITS`) and the guard tokenizer ``guard_tokenizer/``
+    (key ``"guard_tokenizer"``).
 
     Returns:
         The written paths, keyed by split name, plus ``"config"`` and ``"tokenizer"`` (a directory
@@ -728,7 +809,7 @@ def write_world(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for split in (*SPLITS, *(RISK_SPLITS if risk else ())):
+    for split in (*SPLITS, *(RISK_SPLITS if risk else ()), *(GUARD_SPLITS if guard else ())):
         paths[split] = out / f"{split}.jsonl"
         with paths[split].open("w") as handle:
             handle.writelines(json.dumps(row) + "\n" for _, row in rows(split, config=config, risk=risk))
@@ -739,4 +820,7 @@ def write_world(
     paths["config"].write_text(json.dumps(asdict(config), indent=2) + "\n")
     paths["tokenizer"] = out / "tokenizer"
     build_tokenizer().save_pretrained(paths["tokenizer"])
+    if guard:
+        paths["guard_tokenizer"] = out / "guard_tokenizer"
+        build_guard_tokenizer().save_pretrained(paths["guard_tokenizer"])
     return paths

@@ -1,8 +1,10 @@
 """Conversation templates: how a prompt (a dialogue ending with a user turn) becomes text.
 
 The default is Safe RLHF's: ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:``; earlier
-assistant turns of a multi-turn dialogue end with the EOS token, as in safe-rlhf. A response is
-appended after one space and closed with EOS by the tokenisation step.
+assistant turns of a multi-turn dialogue end with the EOS token, as in safe-rlhf. ``ChatTemplate`` is the
+tokenizer's own chat template; ``PlainTemplate`` passes a raw prompt through unchanged (base models and
+hub-style reward models trained on raw text). A response is appended after one space and closed with
+EOS by the tokenisation step.
 
 A policy export records the template it was trained with in ``lit_saferlhf.json``
 (:func:`policy_files`); evaluation and the PPO stage's prompts use it unless told otherwise.
@@ -66,6 +68,24 @@ class ChatTemplate(Template):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert isinstance(text, str)  # tokenize=False renders one conversation to one string
         return text
+
+
+class PlainTemplate(Template):
+    """The prompt as it is: a single-turn prompt's text unchanged, no wrapper and no special tokens.
+
+    For a policy or score model trained on raw text (no recorded template, no chat template). The turns of a
+    multi-turn dialogue are joined by ``separator``.
+
+    Args:
+        separator: Put between the turns of a multi-turn dialogue.
+    """
+
+    def __init__(self, separator: str = "\n\n") -> None:
+        self.separator = separator
+
+    def format_prompt(self, prompt: Conversation, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The turns' texts, joined by ``separator`` (a single turn: its text unchanged)."""
+        return self.separator.join(message.content for message in prompt)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ Glossary of symbols (one meaning each, in every module):
     A   response (action) tokens; rollout tensors are ``(N, A)``, right-padded after EOS.
     V   vocabulary size.
     m   number of constraints (CAN's utilities ``(n, G, m)``).
+    K   number of constraints of PPO-Lagrangian (cost streams ``(N, K, A)``).
     λ   the Lagrange multiplier (``multiplier`` in code; ``lam`` is GAE's λ).
     β   KL (or DPO) temperature; ε the PPO clip half-width.
     ℓ_θ(y|x) = Σ_t log π_θ(y_t|x, y_<t) over response tokens; ρ_θ(y) = ℓ_θ(y|x) − ℓ_ref(y|x);
@@ -65,12 +66,15 @@ from lit_saferlhf.losses.ppo import (
     appo_surrogate_loss,
     appo_token_mask,
     clipped_surrogate_loss,
+    constrained_advantage,
     gae,
     k3_kl_loss,
     kl_shaped_rewards,
     kl_to_reference,
     lagrangian_advantage,
     lagrangian_policy_loss,
+    rectified_violation,
+    rectified_weights,
     shaped_cost_stream,
     shaped_reward_stream,
     value_loss,
@@ -91,6 +95,7 @@ from lit_saferlhf.losses.preference import (
 )
 from lit_saferlhf.losses.score import (
     cost_loss,
+    log_odds,
     reward_loss,
     tokenwise_cost_loss,
     tokenwise_reward_loss,
@@ -109,6 +114,7 @@ __all__ = [
     "can_dual",
     "chunked_token_logprobs",
     "clipped_surrogate_loss",
+    "constrained_advantage",
     "cost_loss",
     "dpo_loss",
     "end_scores",
@@ -126,10 +132,13 @@ __all__ = [
     "last_true_index",
     "leave_one_out_advantages",
     "lm_loss",
+    "log_odds",
     "masked_mean",
     "ordered",
     "pair_metrics",
     "pecan_loss",
+    "rectified_violation",
+    "rectified_weights",
     "response_mask",
     "reward_loss",
     "safe_dpo_loss",

@@ -163,6 +163,77 @@ def lagrangian_advantage(
     return advantages
 
 
+def constrained_advantage(
+    reward_advantages: Tensor,
+    cost_advantages: Tensor,
+    multipliers: Tensor,
+    weights: Tensor | None = None,
+    normalize: bool = True,
+) -> Tensor:
+    """The Lagrangian advantage of several constraints, ``A = (A_r - Σ_k λ_k w_k A_ck) / (1 + Σ_k λ_k w_k)``.
+
+    METHODS.md §6.2: Safe RLHF's ``(A_r - λ·A_c) / (1 + λ)`` (Dai et al., 2023, Eq. 31) with one
+    multiplier per constraint. Example: ``A_r = 1``, ``A_c = (0.5, -1)``, ``λ = (1, 3)`` gives
+    ``(1 - 0.5 + 3) / 5 = 0.7``. With one constraint and no weights it is
+    :func:`lagrangian_advantage`, bit for bit. The weight ``w_k`` of a response is 1 where
+    constraint ``k`` applies to it and 0 where it does not: a constraint bounded on one prompt
+    category weighs only that category's responses, and a rectified (RePO) constraint only the
+    responses above their bound (:func:`rectified_weights`); a response that no constraint weighs
+    trains on ``A_r`` alone. With ``normalize`` false the divisor is dropped: Constrained GRPO's
+    ``A_r - Σ_k λ_k A_ck`` (Girgis et al., 2026), where each stream was normalised on its own first.
+
+    Args:
+        reward_advantages: Advantages of the reward stream, ``(N, A)``.
+        cost_advantages: Advantages of each constraint's cost stream, ``(N, K, A)``.
+        multipliers: ``λ_k >= 0``, ``(K,)``. Treated as constants.
+        weights: ``w_k`` per response, ``(N, K)`` (0 or 1); None weighs every response 1.
+        normalize: Divide by ``1 + Σ_k λ_k w_k``.
+
+    Returns:
+        The merged advantage, ``(N, A)``, detached, in ``reward_advantages``' dtype.
+    """
+    multipliers = torch.as_tensor(multipliers, dtype=reward_advantages.dtype, device=reward_advantages.device)
+    numerator, denominator = reward_advantages, 1
+    for k, multiplier in enumerate(multipliers.detach()):
+        scale = multiplier if weights is None else multiplier * weights[:, k, None].to(reward_advantages.dtype)
+        numerator = numerator - scale * cost_advantages[:, k]
+        denominator = denominator + scale
+    advantages = numerator.detach()
+    return advantages / denominator if normalize else advantages
+
+
+def rectified_weights(costs: Tensor, bound: float) -> Tensor:
+    """RePO's per-response switch (Peng et al., 2024): 1 where ``C(x, y) > d``, 0 where ``C(x, y) <= d``.
+
+    RePO bounds every response's cost, ``C(x, y) <= d``, instead of the mean, and penalises only the
+    rectified violation ``{C - d}^+ = max(0, C - d)``: a response at or below its bound trains on the
+    reward advantage alone, one above it on the Lagrangian advantage (the weights of
+    :func:`constrained_advantage`), and λ rises with the mean rectified violation
+    (:func:`rectified_violation`).
+
+    Args:
+        costs: End costs, ``(N,)``.
+        bound: The per-response bound ``d``.
+
+    Returns:
+        ``(N,)`` float weights, 0 or 1.
+    """
+    return (costs > bound).to(torch.float32)
+
+
+def rectified_violation(costs: Tensor, bound: float) -> Tensor:
+    """RePO's mean rectified violation ``E[{C(x, y) - d}^+]``, >= 0 and 0 only when every response is within ``d``.
+
+    Args:
+        costs: End costs, ``(N,)``.
+        bound: The per-response bound ``d``.
+
+    Returns:
+        A scalar tensor.
+    """
+    return (costs.float() - bound).clamp(min=0).mean()
+
+
 def clipped_surrogate_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,

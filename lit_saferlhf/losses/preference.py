@@ -48,6 +48,9 @@ def soft_dpo_loss(
 def ipo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, tau: float) -> tuple[Tensor, dict[str, Tensor]]:
     """IPO: ``mean (h − 1/(2τ))²`` (Azar et al., 2023, Eq. 17), h = ρ_θ(y_w) − ρ_θ(y_l).
 
+    ρ is whatever the caller reduced: summed log-ratios (OpenRLHF) or per-token means (TRL's ``ipo``);
+    the target margin ``1/(2τ)`` is per sequence in the first case and per token in the second.
+
     Args:
         chosen_logratios: ρ_θ(y_w), ``(B,)``.
         rejected_logratios: ρ_θ(y_l), ``(B,)``.

@@ -230,3 +230,23 @@ def _divergence_window(
     diverge = differs.int().argmax(-1)  # (B,) first differing position
     window = (positions >= diverge.unsqueeze(-1)) & before_end
     return upcast(pad(first_scores)), upcast(pad(second_scores)), window
+
+
+def log_odds(logprobs: Tensor) -> Tensor:
+    """The log-odds ``log p - log(1 - p)`` of probabilities given as ``log p``, e.g. a guard's p("unsafe").
+
+    A guard model's probability of its "unsafe" answer lies in [0, 1]; its log-odds spread the
+    confident ends (p = 0.99 and p = 0.9999 give 4.6 and 9.2) and make 0.5 the zero. ``log(1 - p)``
+    is ``log(-expm1(log p))``, exact for small p; ``log p`` is capped at ``log(1 - eps)`` of its dtype,
+    so a guard certain in that precision gives a large finite number (about 16 in float32, 36 in
+    float64), never an infinity.
+
+    Args:
+        logprobs: ``log p``, any shape, ``<= 0``.
+
+    Returns:
+        The log-odds, same shape and dtype.
+    """
+    bound = torch.tensor(-torch.finfo(logprobs.dtype).eps, dtype=torch.float64).log1p().item()  # log(1 - eps)
+    capped = logprobs.clamp(max=bound)
+    return capped - torch.log(-torch.expm1(capped))

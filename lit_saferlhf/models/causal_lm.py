@@ -7,8 +7,8 @@ in, and ``export`` writes a dir (safetensors + tokenizer) that ``AutoModelForCau
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # peft is imported where it is used
 
 SAFETY_WORLD_TOKENIZER = "safety-world"
 """Tokenizer name that selects the embedded safety world's word-level tokenizer."""
+SAFETY_WORLD_GUARD_TOKENIZER = "safety-world-guard"
+"""Tokenizer name that selects the safety world's tokenizer plus the tiny guard's answer words and codes."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class ModelSource:
     config: dict[str, Any] | None = None
     """Transformers config (with ``model_type``) to build a randomly initialised model, for tiny runs."""
     tokenizer: str | None = None
-    """Tokenizer hub name or dir; defaults to ``path``. ``safety-world`` selects the embedded one."""
+    """Tokenizer hub name or dir; defaults to ``path``. ``safety-world`` selects the embedded one
+    (``safety-world-guard``: the same plus the tiny guard's answer words and category codes)."""
     dtype: str | None = None
     """Weights dtype when loading (``bfloat16``, ``float16``, ``float32``); None keeps float32. In a stage's
     config: the stage's ``dtype`` (``model.init_args.dtype``), not this field."""
@@ -71,7 +74,7 @@ class ModelSource:
         if self.path is None and self.tokenizer is None:
             raise ConfigError("model.tokenizer", "a model built from `config` needs a tokenizer name or dir")
         for key in ("path", "tokenizer"):
-            if getattr(self, key) not in (None, SAFETY_WORLD_TOKENIZER):
+            if getattr(self, key) not in (None, SAFETY_WORLD_TOKENIZER, SAFETY_WORLD_GUARD_TOKENIZER):
                 check_model_path(getattr(self, key), key)
         torch_dtype(self.dtype)  # a dtype torch does not have fails at start-up
         if self.lora is not None and self.lora.quantize is not None and self.path is None:
@@ -209,17 +212,42 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
 
     If the block fails, the staging dir is removed and an older ``out_dir`` stays as it was; a full disk
     is a ``DiskFullError`` naming ``out_dir``. (safetensors writes each file to a temporary name and
-    renames it, so a full disk shows only here, not as a failed write of a named file.)
+    renames it, so a full disk shows only here, not as a failed write of a named file.) The export gets the
+    modes the user's umask gives (:func:`umask_modes`), like anything else the user writes.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = new_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         with writing(out_dir):
             yield staging
+        umask_modes(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     replace_dir(staging, out_dir)
+
+
+def new_dir(parent: Path, prefix: str) -> Path:
+    """A new dir in ``parent`` named ``prefix`` + random letters, with the umask's mode (``mkdtemp``'s is 0700)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def umask_modes(folder: Path) -> None:
+    """Give everything under ``folder`` the mode the umask gives new files and dirs, as ``folder`` got it.
+
+    Libraries write some files through private temporary files (safetensors: mode 0600); ``folder`` was made by
+    ``mkdir``, so its mode is 0777 less the umask (read from it: setting the umask to read it is not thread-safe).
+    """
+    dir_mode = folder.stat().st_mode & 0o777
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(dir_mode if path.is_dir() else dir_mode & 0o666)
 
 
 def replace_dir(staging: Path, out_dir: Path) -> None:

@@ -9,6 +9,7 @@ critic's backbone with the adapter switched off plus the reward (cost) model's o
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
@@ -86,7 +87,6 @@ class FrozenScoreTwin(nn.Module):
         self.score_head.requires_grad_(False)
         self.normalizer: ScoreNormalizer = copy.deepcopy(critic.normalizer)
         self.end_token, self.pad_token_id = critic.end_token, critic.pad_token_id  # the reward model's end rule
-        self.eval()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Any:
         """The reward model's ``ScoreOutput`` for ``input_ids`` ``(B, L)``."""
@@ -130,7 +130,27 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def frozen(network: ModuleT) -> ModuleT:
-    """Eval mode and no gradients: never in the optimiser."""
-    network.eval()
+    """No gradients (never in the optimiser), and every call in eval mode (no dropout).
+
+    The network follows the stage's train/eval mode like every other module (Lightning warns of modules
+    left in eval mode at the start of training); its forward, and its decoder's (which the chunked
+    log-probs call alone), switch it to eval mode for the call and back after.
+    """
     network.requires_grad_(False)
+    get_decoder = getattr(network, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    for module in (network, decoder) if isinstance(decoder, nn.Module) and decoder is not network else (network,):
+        modes: list[list[tuple[nn.Module, bool]]] = []  # a stack: the network's forward calls its decoder's
+        module.register_forward_pre_hook(functools.partial(_enter_eval, modes=modes))  # partials pickle, lambdas not
+        module.register_forward_hook(functools.partial(_leave_eval, modes=modes), always_call=True)
     return network
+
+
+def _enter_eval(module: nn.Module, args: Any, modes: list[list[tuple[nn.Module, bool]]]) -> None:
+    modes.append([(each, each.training) for each in module.modules()])
+    module.eval()
+
+
+def _leave_eval(module: nn.Module, args: Any, output: Any, modes: list[list[tuple[nn.Module, bool]]]) -> None:
+    for each, training in modes.pop():
+        each.training = training

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from lit_saferlhf.errors import InputNotFoundError, MissingTensorError, ModelDirError, ModelLayoutError
@@ -213,7 +214,8 @@ def detect_layout(path: str | Path) -> Layout:
 
     Raises:
         InputNotFoundError: No such dir (and no such hub model), or it has no ``config.json``.
-        ModelLayoutError: A sequence classifier with more than one label, or a safe-rlhf model with ``score_dim`` > 1.
+        ModelLayoutError: A sequence classifier with more than one label, a safe-rlhf model with ``score_dim`` > 1,
+            or a weights file of a local dir that is cut short (see :func:`check_weight_files`).
     """
     path = str(path)
     local = local_json_dir(path)
@@ -222,6 +224,7 @@ def detect_layout(path: str | Path) -> Layout:
             f"{path}: no config.json, so this is not a Hugging Face model dir; expected one of the score-model "
             f"layouts {list(SCORE_LAYOUTS)} or a causal LM"
         )
+    check_weight_files(path)
     config = json.loads((local / "config.json").read_text())
     architectures = config.get("architectures") or []
     if (local / SIDE_FILE).is_file():
@@ -292,6 +295,62 @@ def local_json_dir(path: str) -> Path:
         return Path(snapshot_download(path, allow_patterns=["*.json"]))
     except Exception as error:  # a bad repo id, no network, no such repo: all mean "not found" here
         raise InputNotFoundError(f"{path}: no such model dir, and not found as a hub model ({error})") from error
+
+
+def check_weight_files(path: str) -> None:
+    """Refuse a local model dir whose weights file is cut short or corrupt, naming the file.
+
+    transformers and torch report such a file without its name ("incomplete metadata", "failed finding
+    central directory"). Only headers are read: each ``*.safetensors`` file's (which must cover the
+    whole file) and the zip directory of each ``*.bin`` file that ``torch.save`` wrote as a zip archive.
+
+    Raises:
+        ModelLayoutError: ``FILE: a weights file that is cut short or corrupt (...)``.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError as error:
+            raise ModelLayoutError(f"{file}: a weights file that is cut short or corrupt ({error})") from error
+    for file in sorted(folder.glob("*.bin")):
+        with file.open("rb") as handle:
+            zipped = handle.read(4) == ZIP_MAGIC  # torch.save's format; older pickles are not checked
+        if zipped and not zipfile.is_zipfile(file):
+            raise ModelLayoutError(f"{file}: a weights file that is cut short or corrupt (no zip directory at its end)")
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+"""The first bytes of a zip archive, the format of ``torch.save`` (and so of ``pytorch_model.bin``)."""
+
+
+def require_tokenizer_files(path: str, key: str) -> None:
+    """Refuse a local model dir without tokenizer files (transformers would blame a missing sentencepiece).
+
+    Args:
+        path: The model dir (a hub name passes: the hub says whether it has a tokenizer).
+        key: The setting that names the dir, for the message.
+
+    Raises:
+        ModelDirError: ``KEY: no tokenizer files in the model dir: PATH (...)``.
+    """
+    folder = Path(path)
+    if folder.is_dir() and not any(_is_tokenizer_file(file.name) for file in folder.iterdir()):
+        raise ModelDirError(
+            key,
+            path,
+            "no tokenizer files in the model dir",
+            "expected tokenizer.json, tokenizer_config.json, tokenizer.model or vocab.* beside config.json; "
+            "save the tokenizer there too (tokenizer.save_pretrained(dir))",
+        )
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    """A file a transformers tokenizer loads from (fast, sentencepiece, BPE, WordPiece or tiktoken vocabularies)."""
+    return name.startswith(("tokenizer", "vocab", "spiece")) or name.endswith((".model", ".tiktoken"))
 
 
 def local_file(layout: Layout, name: str) -> Path:

@@ -14,6 +14,7 @@ a trained network's weights are in ``lit_saferlhf.models.frozen``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ def apply_lora(
     """
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+    check_target_modules(model, args.target_modules)
     if args.quantize is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
@@ -126,6 +128,37 @@ def apply_lora(
         )
     setattr(peft_model, EXPORT_MODE, args.export)
     return peft_model
+
+
+def check_target_modules(model: nn.Module, target_modules: str | tuple[str, ...]) -> None:
+    """Refuse ``target_modules`` that name no layer of ``model``, naming what was asked for and what exists.
+
+    As ``peft`` matches them: a name matches the modules called so or ending in ``.<name>``; a string other
+    than ``all-linear`` is a regular expression on the whole module name. ``peft`` itself fails only when
+    no name matches (with a traceback), and leaves a name that matches nothing untrained.
+
+    Raises:
+        ConfigError: Some names (or the pattern) match no module of ``model``.
+    """
+    if target_modules == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules()]
+    pattern = isinstance(target_modules, str)
+    asked = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+
+    def matches(wanted: str) -> bool:
+        if pattern:
+            return any(re.fullmatch(wanted, name) for name in names)
+        return any(name == wanted or name.endswith(f".{wanted}") for name in names)
+
+    missing = [wanted for wanted in asked if not matches(wanted)]
+    if missing:
+        linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        raise ConfigError(
+            "lora.target_modules",
+            f"{missing} match no module of {type(model).__name__} (asked for {asked}); "
+            f"its linear layers are named {sorted(linear)}",
+        )
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:

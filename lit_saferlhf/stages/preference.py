@@ -3,7 +3,9 @@
 Starts from a policy (usually the SFT export, stage 1) and trains it on response pairs against a
 frozen reference (by default the starting policy) with a swappable objective
 (``lit_saferlhf.objectives.Objective``; built-ins in ``plugins/objectives``). Log-probabilities are
-summed over response tokens, as in every reference implementation (METHODS.md §0). Objectives that
+summed over response tokens, weighted by the objective's ``token_weights`` (METHODS.md §0): the sum for
+DPO, KTO, BFPO, SafeDPO, C-DPO and CAN, as their papers and code do; IPO sums too (as OpenRLHF)
+unless ``logprobs: token_mean`` divides by the response length, as TRL does. Objectives that
 need scores take them from a reward and a cost *score source*: a score-model export, or the
 implicit reward ``β·(ℓ_π − ℓ_ref)`` of a DPO-trained policy (PeCAN). C-DPO's multiplier is moved by a
 constraint solver from the cost of the policy's own samples; CAN's λ* is fitted once, before
@@ -14,13 +16,13 @@ training, from scored reference samples. The export is a Hugging Face dir like S
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from transformers import PreTrainedModel
@@ -32,7 +34,7 @@ from lit_saferlhf.data.templates import (
     save_template,
     trained_template,
 )
-from lit_saferlhf.data.tokenizers import load_tokenizer
+from lit_saferlhf.data.tokenizers import check_tokenizers, load_tokenizer
 from lit_saferlhf.errors import ConfigError
 from lit_saferlhf.generators import GenerationArgs, Generator, HFGenerate
 from lit_saferlhf.losses import gather_logprobs, pair_metrics, response_mask
@@ -46,8 +48,6 @@ from lit_saferlhf.optim import OptimizerArgs, build_optimizer
 
 if TYPE_CHECKING:  # peft is imported where it is used
     from peft import PeftModel
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,11 @@ class PreferenceOptimization(L.LightningModule):
     ) -> None:
         super().__init__()
         check_sources(objective, reward_model, cost_model)
+        sources = {"reward_model": reward_model, "cost_model": cost_model}
+        check_tokenizers(  # the reference and the score sources read the policy's token ids
+            [("model.init_args.policy", policy), ("model.init_args.reference", reference)]
+            + [(f"model.init_args.{key}.path", None if s is None else s.path) for key, s in sources.items()]
+        )
         self.save_hyperparameters(ignore=["objective", "generator", "optimizer", "generation"])
         self.paths = {"policy": policy, "reference": reference or policy}
         self.sources = {"rewards": reward_model, "costs": cost_model}
@@ -131,8 +136,7 @@ class PreferenceOptimization(L.LightningModule):
         networks = self.objective.frozen_networks(lambda path: self.scorer(ScoreSource(path)))
         self.objective_networks = nn.ModuleDict(networks)
         self.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
-        if self.global_rank == 0:
-            log.info(describe_parameters(self))
+        rank_zero_info(describe_parameters(self))  # Lightning's logger: shown by `lit-saferlhf fit`
 
     def reference_network(self) -> nn.Module | ReferencePolicy:
         """The frozen reference: with LoRA and the starting policy as reference, the policy with adapters off."""
@@ -282,15 +286,6 @@ class PreferenceOptimization(L.LightningModule):
         pairs = self.pair_batch(batch, cache=False)
         loss, stats = self.objective(pairs)
         self.log_dict(self.metrics("val", loss, stats, pairs), batch_size=len(pairs), sync_dist=True)
-
-    def train(self, mode: bool = True) -> PreferenceOptimization:
-        """Keep the frozen networks in eval mode whatever Lightning sets."""
-        super().train(mode)
-        scorers = (*getattr(self, "scorers", {}).values(), *getattr(self, "objective_networks", {}).values())
-        for network in (getattr(self, "reference", None), *scorers):
-            if network is not None:
-                network.eval()
-        return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The objective's λ and solver state, as plain Python data, and the template; with LoRA, no frozen base."""

@@ -1,6 +1,7 @@
 """The PPO stages' rollout batch: every tensor of a batch of sampled, scored sequences.
 
-Shapes: ``N`` sequences (prompts x samples per prompt), ``P`` prompt columns, ``A`` response columns.
+Shapes: ``N`` sequences (prompts x samples per prompt), ``P`` prompt columns, ``A`` response columns, ``K``
+constraints (one cost column each, zeros for a constraint without a cost stream).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ class Rollout:
     old_logprobs: Tensor  # (N, A)
     ref_logprobs: Tensor  # (N, A)
     reward_values: Tensor  # (N, A)
-    cost_values: Tensor  # (N, A)
+    cost_values: Tensor  # (N, K, A)
     end_rewards: Tensor  # (N,)
-    end_costs: Tensor  # (N,)
+    end_costs: Tensor  # (N, K)
     reward_advantages: Tensor  # (N, A)
     reward_returns: Tensor  # (N, A)
-    cost_advantages: Tensor  # (N, A)
-    cost_returns: Tensor  # (N, A)
+    cost_advantages: Tensor  # (N, K, A)
+    cost_returns: Tensor  # (N, K, A)
+    cost_weights: Tensor  # (N, K) 1 where a constraint's penalty applies to the response (its category, RePO)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

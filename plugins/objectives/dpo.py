@@ -63,23 +63,38 @@ class DPO(Objective):
     def token_weights(self, mask: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """The response mask, or ADPO's masks when ``ama`` is set (its scorer built by ``frozen_networks``)."""
         if self.ama is None:
-            return Objective.token_weights(self, mask, batch)  # also IPO's (shared below)
+            return Objective.token_weights(self, mask, batch)
         return self.ama.token_weights(mask, batch, batch[self.requires[0]], self.ama_scorer)
 
 
 class IPO(Objective):
     """Identity Preference Optimization, ``(h − 1/(2τ))²`` (Azar et al., 2023, Eq. 17).
 
+    The log-ratios in ``h`` are sums over response tokens by default, as in the paper's ℓ and OpenRLHF;
+    ``logprobs: token_mean`` divides each by its response length, as TRL's ``loss_type="ipo"`` does. The
+    target ``1/(2τ)`` is then a per-token margin: in summed log-ratio, a response of n tokens is pushed
+    about n times further from the reference than with ``sum``, so τ values do not carry over between the two.
+
     Args:
         tau: τ; the margin the policy is regressed to is ``1/(2τ)``.
         pairs: ``helpfulness`` or ``safety`` (as in ``DPO``).
         ama: AMA's token masks (as in ``DPO``).
+        logprobs: ``sum`` over response tokens (OpenRLHF), or ``token_mean``, the sum over the response
+            length (TRL); with ``ama`` the kept tokens' sum is divided by the whole response's length.
     """
 
     requires: ClassVar[tuple[Label, ...]] = ("better",)
 
-    def __init__(self, tau: float = 0.1, pairs: PairKind = "helpfulness", ama: AMA | None = None) -> None:
-        self.tau, self.pairs, self.ama = tau, pairs, ama
+    def __init__(
+        self,
+        tau: float = 0.1,
+        pairs: PairKind = "helpfulness",
+        ama: AMA | None = None,
+        logprobs: Literal["sum", "token_mean"] = "sum",
+    ) -> None:
+        if logprobs not in ("sum", "token_mean"):
+            raise ConfigError("logprobs", "'sum' or 'token_mean'", logprobs)
+        self.tau, self.pairs, self.ama, self.logprobs = tau, pairs, ama, logprobs
         self.requires = (_label(pairs),)
 
     def __call__(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -88,7 +103,14 @@ class IPO(Objective):
         return ipo_loss(chosen, rejected, self.tau)
 
     frozen_networks = DPO.frozen_networks
-    token_weights = DPO.token_weights
+
+    def token_weights(self, mask: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The mask or AMA's masks (as ``DPO``'s); with ``token_mean`` divided by each response's length."""
+        if self.ama is None:
+            weights = Objective.token_weights(self, mask, batch)
+        else:
+            weights = self.ama.token_weights(mask, batch, batch[self.requires[0]], self.ama_scorer)
+        return weights if self.logprobs == "sum" else weights / mask.sum(-1, keepdim=True).clamp_min(1)
 
 
 class KTO(Objective):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lit_saferlhf.errors import ConfigError
-from lit_saferlhf.losses import lagrangian_advantage
 from lit_saferlhf.solvers import ConstraintSolver
 
 
@@ -16,8 +14,8 @@ class FixedPenalty(ConstraintSolver):
     This is Safe RLHF's reward-shaping baseline, as safe-rlhf's ``PPORewardShapingTrainer`` runs it:
     the end score ``R - λ·C`` forms ONE stream (``end_score_streams``), shaped once with the KL
     penalty ``-β·KL_t`` and clipped like the reward stream, whose advantages (GAE with the reward
-    critic alone, no cost critic) drive the actor without the ``1 + λ`` normaliser
-    (``actor_advantages``). With a critic-free estimator the same single score is normalised within
+    critic alone, no cost critic) drive the actor as they are: no cost stream, so no ``1 + λ``
+    normaliser. With a critic-free estimator the same single score is normalised within
     its group. A large λ trades reward for cost at a fixed rate whatever the observed cost: a large
     multiplier (e.g. 5.0) makes the policy over-safe, refusing benign requests. ``multiplier=0`` is
     plain PPO (or plain GRPO/RLOO): then ``needs_cost_model()`` is false and the stage may leave out
@@ -53,20 +51,6 @@ class FixedPenalty(ConstraintSolver):
             ``{"reward": R - λ·C}``.
         """
         return {"reward": rewards - self.multiplier * costs}
-
-    def actor_advantages(self, reward_advantages: Tensor, cost_advantages: Tensor) -> Tensor:
-        """``A_r - λ·A_c`` without the ``1 + λ`` divisor (``A_c`` is zeros: the one stream already holds ``-λ·C``).
-
-        Args:
-            reward_advantages: Advantages of the one (shaped) stream, ``(N, A)``.
-            cost_advantages: Zeros, ``(N, A)``: this solver has no cost stream.
-
-        Returns:
-            The actor's advantage, ``(N, A)``, detached.
-        """
-        # λ as a float32 tensor first, then the advantages' dtype: as the stage has always built it, bit for bit.
-        multiplier = torch.tensor(self.multiplier, device=reward_advantages.device)
-        return lagrangian_advantage(reward_advantages, cost_advantages, multiplier, normalize=False)
 
     def update(self, episode_cost: float) -> dict[str, float]:
         """Leave λ where it is; report it with the observed violation ``J_c - d``.

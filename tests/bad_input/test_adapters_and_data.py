@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from lit_saferlhf.data.safety_world import build_tokenizer
 from tests.bad_input.harness import PKU_ROW, assert_names, fit_error, stage_config, write_jsonl
 
 HH_CHOSEN = "\n\nHuman: how do i bake bread\n\nAssistant: mix flour and water"
@@ -156,11 +159,86 @@ def test_skipping_every_truncated_record_leaves_no_training_data(tmp_path: Path,
     assert_names(line, "rows.jsonl: no training samples left")
 
 
-@pytest.mark.parametrize("stage", ["reward", "cost"])
-def test_a_pair_that_truncation_makes_identical(stage: str, tmp_path: Path, capsys) -> None:
-    path = write_jsonl(tmp_path / "rows.jsonl", [PKU_ROW])
-    line = fit_error(stage_config(tmp_path, stage, path, max_length=6), capsys)
-    assert_names(line, "rows.jsonl:line 1", "'(pair)'", "still differ within max_length=6", "the same tokens")
+PAIR_TIES = [
+    # (case, stage, the two responses, max_length, what the line says): each names the real cause of the tie
+    ("prompt-fills-max-length", "reward", ("sure mix flour and water", "no"), 6, ["'prompt'", "max_length=6"]),
+    ("prompt-fills-max-length-cost", "cost", ("sure mix flour and water", "no"), 6, ["'prompt'", "max_length=6"]),
+    (
+        "same-within-max-length",
+        "reward",
+        ("sure you need flour and water", "sure you need flour and yeast"),
+        18,
+        ["'(pair)'", "still differ within max_length=18", "first 4 tokens, all that fit, are the same"],
+    ),
+    (
+        "tokenizer-tie",
+        "reward",
+        ("zzz qqq", "xxx yyy"),  # words outside the safety world's vocabulary: <unk> <unk> both
+        64,
+        ["'(pair)'", "not truncated: the tokenizer made the tie", "words outside its vocabulary"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("stage", "responses", "max_length", "parts"), [c[1:] for c in PAIR_TIES], ids=[c[0] for c in PAIR_TIES]
+)
+def test_a_pair_without_a_comparison_names_the_cause(
+    stage: str, responses: tuple[str, str], max_length: int, parts: list[str], tmp_path: Path, capsys
+) -> None:
+    row = pku(response_0=responses[0], response_1=responses[1])
+    path = write_jsonl(tmp_path / "rows.jsonl", [row])
+    line = fit_error(stage_config(tmp_path, stage, path, max_length=max_length), capsys)
+    assert_names(line, "rows.jsonl:line 1", *parts, "1 of the 1 train records are unusable")
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline preference stage: pairs that carry no training signal
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_only_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A policy dir with a config and the safety-world tokenizer: all the stage reads before the data fails."""
+    path = tmp_path_factory.mktemp("policy")
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def preference_config(tmp_path: Path, policy: Path, rows: Path, **data: Any) -> Path:
+    config = {
+        "trainer": {"accelerator": "cpu", "logger": False, "default_root_dir": str(tmp_path / "run")},
+        "model": {
+            "class_path": "lit_saferlhf.stages.PreferenceOptimization",
+            "init_args": {"policy": str(policy), "objective": {"class_path": "lit_saferlhf_plugins.objectives.DPO"}},
+        },
+        "data": {"class_path": "lit_saferlhf.data.PreferenceData", "init_args": {"path": str(rows), **data}},
+    }
+    out = tmp_path / "offline.yaml"
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def test_an_offline_run_whose_every_prompt_fills_max_length(
+    tmp_path: Path, tokenizer_only_policy: Path, capsys
+) -> None:
+    path = write_jsonl(tmp_path / "rows.jsonl", [PKU_ROW] * 3)
+    line = fit_error(preference_config(tmp_path, tokenizer_only_policy, path, max_length=8), capsys)
+    assert_names(line, "rows.jsonl:line 1", "'prompt'", "3 of the 3 train records are unusable")
+    assert_names(line, "3 no response token within max_length=8", "on_bad_record: skip drops them")
+
+
+def test_an_offline_run_left_without_pairs_says_how_many_were_usable(
+    tmp_path: Path, tokenizer_only_policy: Path, capsys
+) -> None:
+    long_prompt = pku(prompt="how do i bake bread today and tonight")  # 14 + 3 prompt tokens
+    rows = [pku(response_0="zzz", response_1="qqq"), long_prompt]  # a tokenizer tie, then no room for a response
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    config = preference_config(tmp_path, tokenizer_only_policy, path, max_length=16, on_bad_record="skip")
+    line = fit_error(config, capsys)
+    assert_names(line, "rows.jsonl: no training samples left: none of the 2 records is usable")
+    assert_names(line, "1 responses the tokenizer encodes alike", "1 no response token within max_length=16")
 
 
 def test_a_ptx_demonstration_without_room_for_its_response(tmp_path: Path, capsys) -> None:

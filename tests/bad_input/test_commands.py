@@ -121,6 +121,38 @@ def test_a_causal_lm_as_the_ppo_reward_model(tmp_path: Path, policy_dir: Path, c
     assert_names(line, f"model.init_args.reward_model: {policy_dir} is a language-model", "without a score head")
 
 
+def other_tokenizer_dir(path: Path, architecture: str, **config: object) -> Path:
+    """A model dir whose tokenizer is the safety world's with two tokens' ids swapped (same size, other ids)."""
+    if not (path / "config.json").exists():
+        fake_model_dir(path, architecture, **config)
+    build_tokenizer().save_pretrained(path)
+    tokenizer_file = json.loads((path / "tokenizer.json").read_text())
+    vocab = tokenizer_file["model"]["vocab"]
+    vocab["bread"], vocab["flour"] = vocab["flour"], vocab["bread"]
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_file))
+    return path
+
+
+def test_a_ppo_reward_model_with_another_tokenizer(tmp_path: Path, policy_dir: Path, capsys) -> None:
+    reward = other_tokenizer_dir(tmp_path / "rm", "LlamaForSequenceClassification", num_labels=1)
+    cost = fake_model_dir(tmp_path / "cm", "LlamaForSequenceClassification", num_labels=1)
+    build_tokenizer().save_pretrained(cost)  # the policy's: the line names the reward model only
+    flags = [f"--model.init_args.{key}={path}" for key, path in (("policy", policy_dir), ("reward_model", reward))]
+    line = fit_error(PPO_CONFIG, capsys, *flags, f"--model.init_args.cost_model={cost}")
+    assert_names(line, f"model.init_args.reward_model: the tokenizer of {reward} differs from the one of {policy_dir}")
+    assert_names(line, "(model.init_args.policy)", "2 with another id", "'bread'")
+
+
+def test_merge_of_models_with_other_tokenizers(tmp_path: Path, policy_dir: Path, capsys) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(policy_dir, other)
+    other_tokenizer_dir(other, "LlamaForCausalLM")
+    args = ["merge", "--models", str(policy_dir), str(other), "--weights", "1", "1", f"--out={tmp_path / 'm'}"]
+    line = user_error(args, capsys)
+    assert_names(line, f"--models: the tokenizer of {other} differs from the one of {policy_dir}", "'bread'")
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize(
     ("side_file", "message"),
     [
@@ -137,6 +169,7 @@ def test_a_policy_whose_recorded_template_is_broken(
     shutil.copytree(policy_dir, policy)
     (policy / "lit_saferlhf.json").write_text(side_file)
     score = fake_model_dir(tmp_path / "rm", "LlamaForSequenceClassification", num_labels=1)
+    build_tokenizer().save_pretrained(score)  # the policy's tokenizer, so the start-up tokenizer check passes
     flags = [f"--model.init_args.policy={policy}", f"--model.init_args.reward_model={score}"]
     line = fit_error(PPO_CONFIG, capsys, *flags, f"--model.init_args.cost_model={score}")
     assert_names(line, f"{policy / 'lit_saferlhf.json'}: ", message)

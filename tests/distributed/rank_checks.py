@@ -58,9 +58,9 @@ class RecordRanks(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: dict, batch_idx: int
     ) -> None:
         self.record["samples"] += sample_ids(batch)
-        solver = getattr(pl_module, "solver", None)
-        if solver is not None:
-            gathered = pl_module.all_gather(torch.tensor(solver.multiplier, dtype=torch.float64))
+        constraints = getattr(pl_module, "constraints", None)  # PPO-Lagrangian's: the first one's λ
+        if constraints is not None:
+            gathered = pl_module.all_gather(torch.tensor(constraints[0].solver.multiplier, dtype=torch.float64))
             self.record["multipliers"].append(gathered.tolist())
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

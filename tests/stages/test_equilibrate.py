@@ -64,7 +64,7 @@ def test_adpo_scores_every_token_of_a_real_cost_model(tiny_models: dict[str, Pat
     ama = AMA(str(tiny_models["cost"]), negate=True)
     stage = PreferenceOptimization(policy=str(tiny_models["sft"]), objective=DPO(pairs="safety", ama=ama))
     stage.configure_model()  # the stage builds the scorer through the objective's frozen_networks hook
-    assert not stage.objective_networks["ama"].training
+    assert not any(parameter.requires_grad for parameter in stage.objective_networks["ama"].parameters())  # frozen
     scores = ama.token_scores(stage.objective_networks["ama"], encoded["input_ids"], encoded["attention_mask"])
     assert scores.shape == encoded["input_ids"].shape
     assert torch.isfinite(scores).all()

@@ -124,7 +124,7 @@ def test_resumed_run_continues_the_multiplier_exactly(tiny_models: dict[str, Pat
     ppo(tiny_models, tmp_path / "first", *common[:1], "--trainer.max_epochs=1", rollouts=2)
     (checkpoint,) = (tmp_path / "first" / "logs").glob("version_0/checkpoints/*.ckpt")
     state = torch.load(checkpoint, weights_only=True)  # solver state loads without unpickling objects
-    assert len(state["multiplier_history"]) == 2
+    assert len(state["constraints"]["cost"]["multiplier_history"]) == 2
     resumed = ppo(tiny_models, tmp_path / "first", *common, f"--ckpt_path={checkpoint}", rollouts=2)
     assert len(multipliers(resumed)) == 4
     assert multipliers(resumed)[:2] == multipliers(straight)[:2]
@@ -211,9 +211,13 @@ def test_plain_grpo_is_fixed_penalty_zero_without_a_cost_model(tiny_models: dict
 def test_critic_free_run_holds_four_networks_and_saves_no_critic(
     tiny_models: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="lit_saferlhf.stages.ppo_lag"):
+    lightning = logging.getLogger("lightning.pytorch")  # the start-up line's logger (it does not propagate)
+    lightning.addHandler(caplog.handler)
+    try:
         ppo(tiny_models, tmp_path / "gae", rollouts=1)
         ppo(tiny_models, tmp_path / "grpo", "--data.init_args.batch_size=2", rollouts=1, config=CRITIC_FREE[0])
+    finally:
+        lightning.removeHandler(caplog.handler)
     summaries = [record.getMessage() for record in caplog.records if " holds " in record.getMessage()]
     assert len(summaries) == 2, summaries
     assert summaries[0].startswith("PPOLagrangian holds 6 networks (actor, reference, reward_model, cost_model, "
@@ -269,7 +273,14 @@ def rollout_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 def advantages_of(module: PPOLagrangian, tensors: dict[str, torch.Tensor], values: dict[str, torch.Tensor]):  # noqa: ANN201
     ids = torch.zeros(N, 3 + A, dtype=torch.long)
     return module.estimate_advantages(
-        ids, torch.ones_like(ids), MASK, tensors["logprobs"], tensors["ref_logprobs"], END_REWARDS, END_COSTS, values
+        ids,
+        torch.ones_like(ids),
+        MASK,
+        tensors["logprobs"],
+        tensors["ref_logprobs"],
+        END_REWARDS,
+        END_COSTS[:, None],
+        values,
     )
 
 
@@ -299,8 +310,8 @@ def test_reward_shaping_is_safe_rlhfs_single_stream(tiny_models: dict[str, Path]
     torch.testing.assert_close(rollout.reward_advantages, advantages)
     torch.testing.assert_close(rollout.reward_returns, returns)
     assert not rollout.cost_advantages.any()
-    actor_advantages = module.solver.actor_advantages(rollout.reward_advantages, rollout.cost_advantages)
-    assert torch.equal(actor_advantages, rollout.reward_advantages)  # the actor trains on A_r - λ·0 = A_r, no 1 + λ
+    actor_advantages = module.lagrangian_advantages(rollout)
+    assert torch.equal(actor_advantages, rollout.reward_advantages)  # the actor trains on A_r: no cost stream, no 1 + λ
 
 
 def test_lagrangian_gae_streams_are_unchanged(tiny_models: dict[str, Path]) -> None:
@@ -315,8 +326,8 @@ def test_lagrangian_gae_streams_are_unchanged(tiny_models: dict[str, Path]) -> N
     rewards = kl_shaped_rewards(END_REWARDS, lp, ref, MASK, kl_sign=-1.0, **shaped)
     costs = kl_shaped_rewards(END_COSTS, lp, ref, MASK, kl_sign=1.0, **shaped)
     torch.testing.assert_close(rollout.reward_advantages, gae(rewards, tensors["values"], MASK)[0])
-    torch.testing.assert_close(rollout.cost_advantages, gae(costs, cost_values, MASK)[0])
-    torch.testing.assert_close(rollout.cost_returns, gae(costs, cost_values, MASK)[1])
+    torch.testing.assert_close(rollout.cost_advantages[:, 0], gae(costs, cost_values, MASK)[0])
+    torch.testing.assert_close(rollout.cost_returns[:, 0], gae(costs, cost_values, MASK)[1])
 
 
 def test_group_estimator_normalises_each_stream_within_its_group(tiny_models: dict[str, Path]) -> None:
@@ -325,7 +336,7 @@ def test_group_estimator_normalises_each_stream_within_its_group(tiny_models: di
     module = stage(tiny_models, DualAscent(), advantage=GroupNormalized(eps=0.0), generation=generation, ppo=ppo_args)
     assert module.critic_names() == ()
     rollout = advantages_of(module, rollout_tensors(), {})
-    for got, scores in ((rollout.reward_advantages, END_REWARDS), (rollout.cost_advantages, END_COSTS)):
+    for got, scores in ((rollout.reward_advantages, END_REWARDS), (rollout.cost_advantages[:, 0], END_COSTS)):
         expected = group_normalized_advantages(scores, 2, eps=0.0).unsqueeze(-1) * MASK  # KL in the loss: end scores
         torch.testing.assert_close(got, expected)
     assert not rollout.reward_returns.any()

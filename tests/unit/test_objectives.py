@@ -132,6 +132,17 @@ def test_ipo_against_a_plain_recomputation() -> None:
     assert ipo_loss(torch.tensor([2.0]), torch.zeros(1), 0.25)[0].item() == pytest.approx(0.0)
 
 
+def test_ipo_token_mean_divides_each_response_by_its_length_as_trl() -> None:
+    mask = torch.tensor([[False, True, True, True], [False, False, True, False]])
+    token_logprobs = torch.tensor([[9.0, -1.0, -2.0, -3.0], [9.0, 9.0, -4.0, 9.0]])
+    weights = IPO(logprobs="token_mean").token_weights(mask, {})
+    torch.testing.assert_close(weights, torch.tensor([[0.0, 1 / 3, 1 / 3, 1 / 3], [0.0, 0.0, 1.0, 0.0]]))
+    assert (token_logprobs * weights).sum(-1).tolist() == pytest.approx([-2.0, -4.0])  # per-token means
+    assert IPO().token_weights(mask, {}).tolist() == mask.float().tolist()  # the default sums
+    with pytest.raises(ValueError, match="'sum' or 'token_mean'"):
+        IPO(logprobs="mean")  # type: ignore[arg-type]
+
+
 def test_kto_worked_example_and_weights() -> None:
     rho, z = torch.tensor([2.0, 2.0]), torch.tensor(0.5)
     desirable = kto_loss(rho[:1], torch.tensor([True]), z, 0.1)[0].item()

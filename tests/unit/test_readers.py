@@ -210,9 +210,10 @@ def test_unknown_suffix_lists_supported_ones(tmp_path: Path, name: str) -> None:
 
 def test_directory_and_suffixless_local_file_are_not_hub_names(tmp_path: Path) -> None:
     (tmp_path / "plain").write_text("hello\n")
-    for path in (tmp_path, tmp_path / "plain"):
-        with pytest.raises(ValueError, match="not a supported data file"):
-            read_rows(str(path))
+    with pytest.raises(ValueError, match="a directory, not a data file"):
+        read_rows(str(tmp_path))
+    with pytest.raises(ValueError, match="not a supported data file"):
+        read_rows(str(tmp_path / "plain"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ from lit_saferlhf.advantages import GAE
 from lit_saferlhf.generators import GenerationArgs, HFGenerate
 from lit_saferlhf.objectives import PairBatch
 from lit_saferlhf.registry import KINDS, PluginError, load_kind, load_plugins
+from lit_saferlhf.scorers import Samples
 from lit_saferlhf.solvers import ConstraintSolver
 from lit_saferlhf_plugins.advantages import GroupNormalized, LeaveOneOut
 from lit_saferlhf_plugins.generators import StaticCacheGenerate
 from lit_saferlhf_plugins.objectives import DPO, SafeDPO
+from lit_saferlhf_plugins.scorers import FunctionScorer, GuardScorer, ScoreModelScorer
 from lit_saferlhf_plugins.solvers import DualAscent, FixedPenalty, PIDLagrangian
 
 TOY_SOURCE = '''
@@ -29,6 +31,7 @@ import torch
 from lit_saferlhf.advantages import AdvantageEstimator
 from lit_saferlhf.generators import Generator
 from lit_saferlhf.objectives import Objective
+from lit_saferlhf.scorers import Scorer
 from lit_saferlhf.solvers import ConstraintSolver
 
 
@@ -79,17 +82,31 @@ class EosOnly(Generator):
         return torch.cat([input_ids, torch.full_like(input_ids[:, :1], eos_id)], dim=1)
 
 
+class WordCount(Scorer):
+    """Scores a response by its number of words."""
+
+    def score(self, samples):
+        return {"score": torch.tensor([float(len(r.split())) for r in samples.responses])}
+
+
 def not_a_plugin():
     return None
 '''
 
-TOYS = {"solver": "HalfStep", "advantage estimator": "ReturnToGo", "objective": "Hinge", "generator": "EosOnly"}
+TOYS = {
+    "solver": "HalfStep",
+    "advantage estimator": "ReturnToGo",
+    "objective": "Hinge",
+    "generator": "EosOnly",
+    "scorer": "WordCount",
+}
 """The toy plugin of each kind in ``TOY_SOURCE``."""
 BUILTINS = {
     "solver": [DualAscent, FixedPenalty, PIDLagrangian],
     "advantage estimator": [GAE, GroupNormalized, LeaveOneOut],  # GAE: the default beside the contract
     "objective": [DPO, SafeDPO],
     "generator": [HFGenerate, StaticCacheGenerate],  # HFGenerate: the default beside the contract
+    "scorer": [FunctionScorer, GuardScorer, ScoreModelScorer],
 }
 """Some built-ins of each kind: in the kind's ``plugins/`` package, or its default."""
 
@@ -172,6 +189,8 @@ def test_the_third_party_plugins_of_each_kind_work(site: Path) -> None:
     prompts = torch.tensor([[0, 5, 6]])
     sequences = plugins["generator"]["EosOnly"]().generate(None, prompts, prompts > 0, GenerationArgs(), 2, 0)
     assert sequences.tolist() == [[0, 5, 6, 2]]
+    batch = Samples(prompts, prompts > 0, 1, ("p", "q"), ("one two", ""), (None, None))
+    assert plugins["scorer"]["WordCount"]().score(batch)["score"].tolist() == [2.0, 0.0]
 
 
 # One distribution breaks every kind's group the same way (one install per case: each costs a gc pass).

@@ -201,3 +201,13 @@ def test_the_report_command_refuses_a_dir_without_stage_logs(tmp_path: Path, cap
         main(["report", "--run", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "holds no <stage>/logs folder" in capsys.readouterr().err
+
+
+def test_the_multiplier_panel_draws_every_constraints_lambda() -> None:
+    """A several-constraint run logs ``solver/<name>/multiplier``: the λ panel draws each, not their parent names."""
+    from lit_saferlhf.commands.report import STAGE_PANELS
+
+    (panel,) = [panel for panel in STAGE_PANELS["ppo_lag"] if panel.title.startswith("Lagrange")]
+    logged = {name: [(0.0, 1.0)] for name in ("solver/mhd/multiplier", "solver/ehd/multiplier", "solver/ehd/violation")}
+    assert panel.present(logged) == ["solver/ehd/multiplier", "solver/mhd/multiplier"]
+    assert panel.present({"solver/multiplier": [(0.0, 1.0)]}) == ["solver/multiplier"]

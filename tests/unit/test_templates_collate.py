@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from lit_saferlhf.data.collate import IGNORE_INDEX, Encoder, collate_pairs, collate_prompts, collate_sft
-from lit_saferlhf.data.datamodules import split_by_prompt
+from lit_saferlhf.data.datamodules import SFTData, split_by_prompt
 from lit_saferlhf.data.records import Message, SFTRecord, user_prompt
 from lit_saferlhf.data.safety_world import build_tokenizer
-from lit_saferlhf.data.templates import ChatTemplate, SafeRLHFTemplate
+from lit_saferlhf.data.templates import ChatTemplate, PlainTemplate, SafeRLHFTemplate
 from lit_saferlhf.optim import OptimizerArgs, build_optimizer, lr_factor, parameter_groups
 
 
@@ -28,6 +32,49 @@ def test_safe_rlhf_template_single_and_multi_turn(tokenizer) -> None:
     assert template.format_prompt(dialogue, tokenizer) == (
         "BEGINNING OF CONVERSATION: USER: a ASSISTANT: b</s> USER: c ASSISTANT:"
     )
+
+
+def test_plain_template_passes_a_raw_prompt_unchanged(tokenizer) -> None:
+    assert PlainTemplate().format_prompt(user_prompt("  Q: 2+2?\nA:"), tokenizer) == "  Q: 2+2?\nA:"
+    dialogue = (Message("user", "a"), Message("assistant", "b"), Message("user", "c"))
+    assert PlainTemplate(separator="|").format_prompt(dialogue, tokenizer) == "a|b|c"
+    encoded = Encoder(tokenizer, PlainTemplate(), max_length=64).encode(user_prompt("bake bread"), "sure")
+    assert tokenizer.convert_ids_to_tokens(encoded.input_ids) == ["<s>", "bake", "bread", "sure", "</s>"]
+
+
+def sft_data(tmp_path: Path, rows: list[dict], tokenizer, caplog, **settings) -> SFTData:
+    """``SFTData`` of ``rows`` set up for a stage that owns ``tokenizer`` (no trainer, no network)."""
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = SFTData(path=str(tmp_path / "rows.jsonl"), **settings)
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tokenizer))
+    lightning_log = logging.getLogger("lightning.pytorch")  # rank_zero_info's; it does not propagate to the root
+    lightning_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            data.setup("fit")
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("template", "line"),
+    [
+        (None, "renders prompts with SafeRLHFTemplate, the default: no template set (data.init_args.template)"),
+        (PlainTemplate(), "renders prompts with PlainTemplate, as data.init_args.template sets"),
+    ],
+)
+def test_the_start_up_line_says_which_template_renders_prompts(template, line, tokenizer, tmp_path, caplog) -> None:
+    sft_data(tmp_path, [{"prompt": "hi", "response": "sure"}], tokenizer, caplog, template=template)
+    assert f"template: SimpleNamespace {line}" in caplog.text
+
+
+def test_the_start_up_line_says_the_share_of_usable_records(tokenizer, tmp_path, caplog) -> None:
+    rows = [{"prompt": "hi", "response": "sure"}, {"prompt": "how do i bake bread today", "response": "sure"}] * 2
+    data = sft_data(tmp_path, rows, tokenizer, caplog, max_length=14, on_bad_record="skip")
+    assert len(data.train_set) == 2
+    assert "train: 2 of 4 records usable (50%)" in caplog.text
+    assert "2 dropped: 2 no response token within max_length=14" in caplog.text
 
 
 def test_chat_template_uses_the_tokenizer_template_and_refuses_without_one(tokenizer) -> None:
@@ -114,3 +161,22 @@ def test_no_weight_decay_on_biases_and_norms_and_one_schedule_per_network() -> N
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2 * optimizer.param_groups[2]["lr"])
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_tokenizer_difference_names_vocabulary_special_tokens_and_encoding() -> None:
+    from tokenizers import processors
+
+    from lit_saferlhf.data.tokenizers import tokenizer_difference
+
+    assert tokenizer_difference(build_tokenizer(), build_tokenizer()) is None
+    other_eos = build_tokenizer()
+    other_eos.eos_token = "<s>"
+    assert tokenizer_difference(build_tokenizer(), other_eos) == "eos_token '</s>' vs '<s>'"
+    without_bos = build_tokenizer()
+    without_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    assert "encodes as" in (tokenizer_difference(build_tokenizer(), without_bos) or "")  # same vocabulary
+    grown = build_tokenizer()
+    grown.add_tokens(["<extra>"])
+    assert "vocabularies of 233 and 234 tokens, 0 with another id and 1 in only one" in (
+        tokenizer_difference(build_tokenizer(), grown) or ""
+    )

@@ -15,7 +15,9 @@ prompt column read by :class:`~lit_saferlhf.data.adapters.PromptList` (default `
     ../shared/data/eval/alpaca_harmless_prompts_6k.json#instruction
 
 Outputs in ``out_dir``: ``generations.jsonl`` (one line per policy x prompt), ``summary.csv`` and
-``summary.json`` (one row per policy x prompt set), and ``arena.json`` when two policies meet.
+``summary.json`` (one row per policy x prompt set), and ``arena.json`` when two policies meet. A run
+stopped by Ctrl-C writes the answers of the policies that had finished, unscored, to
+``generations.partial.jsonl`` and says so in one line.
 Each policy is loaded once, answers every set, and is freed before the next one is loaded; the
 reward and cost models are each loaded once afterwards and score every answer in large batches.
 """
@@ -100,10 +102,15 @@ def evaluate(
         "generator": generator,
     }
     options["template"] = template
-    generations = generate_all(policies, sets, max_prompt_length=max_prompt_length, **options)
-    prompts = [record.prompt for records in sets.values() for record in records] * len(policies)
-    scoring = {"batch_size": batch_size, "max_length": max_prompt_length + max_new_tokens + 1}
-    generations = score_all(generations, prompts, reward_model, cost_model, **scoring)
+    generations: list[dict[str, Any]] = []
+    try:
+        for name, policy_dir in policies.items():  # one policy at a time: Ctrl-C keeps the finished ones
+            generations += generate_all({name: policy_dir}, sets, max_prompt_length=max_prompt_length, **options)
+        prompts = [record.prompt for records in sets.values() for record in records] * len(policies)
+        scoring = {"batch_size": batch_size, "max_length": max_prompt_length + max_new_tokens + 1}
+        generations = score_all(generations, prompts, reward_model, cost_model, **scoring)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(keep_partial(Path(out_dir), generations)) from None
     truth = {s.name: s.has_truth for s in sets}
     generations = [judge(g, truth[g["set"]]) for g in generations]
     summary: dict[str, Any] = {
@@ -115,6 +122,18 @@ def evaluate(
         summary["arena"] = {"a": arena[0], "b": arena[1], **arena_of(generations, *arena)}
     write_outputs(Path(out_dir), generations, summary)
     return summary
+
+
+def keep_partial(out_dir: Path, generations: Sequence[dict[str, Any]]) -> str:
+    """Write the unscored answers of an interrupted run to ``generations.partial.jsonl``; what was kept, in words."""
+    if not generations:
+        return "no policy had answered every prompt, nothing written"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "generations.partial.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(g, ensure_ascii=False, default=str) + "\n" for g in generations)
+    policies = ", ".join(dict.fromkeys(g["policy"] for g in generations))
+    return f"the answers of {policies} ({len(generations)}, unscored) kept in {path}"
 
 
 def write_outputs(out_dir: Path, generations: Sequence[dict[str, Any]], summary: dict[str, Any]) -> None:
