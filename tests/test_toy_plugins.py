@@ -2,7 +2,7 @@
 
 The toys live in a temporary package, ``toy_lab``, whose ``.dist-info`` registers each under its kind's
 entry-point group, as a lab's ``pyproject.toml`` would. Nothing of the project knows them: adding a
-constraint solver, an advantage estimator, a generation backend or an offline objective touches no core
+constraint solver, an advantage estimator, a generation backend, an offline objective or a scorer touches no core
 file. Each toy appends a line to a file on every call, so the test sees that it ran.
 """
 
@@ -102,6 +102,24 @@ class ToyHinge(Objective):
         h = chosen - rejected
         return torch.relu(self.margin - h).mean(), {"toy_margin": h.mean().detach()}
 ''',
+    "scorers.py": '''
+import torch
+
+from lit_saferlhf.scorers import Scorer
+from toy_lab import record
+
+
+class ToyWordCount(Scorer):
+    """A rule as a cost: the number of words of each response."""
+
+    def __init__(self, record: str) -> None:
+        super().__init__()
+        self.record = record
+
+    def score(self, samples):
+        record(self.record, "scorer")
+        return {"score": torch.tensor([float(len(text.split())) for text in samples.responses])}
+''',
 }
 """The lab's package: one module per kind, as a lab would lay it out."""
 
@@ -110,6 +128,7 @@ TOYS = {
     "advantage estimator": "toy_lab.advantages:ToyReturnToGo",
     "generator": "toy_lab.generators:ToyGreedy",
     "objective": "toy_lab.objectives:ToyHinge",
+    "scorer": "toy_lab.scorers:ToyWordCount",
 }
 """What ``toy_lab``'s ``pyproject.toml`` would declare: one entry point per kind, named after its class."""
 
@@ -208,3 +227,31 @@ def test_toy_objective_runs_the_offline_stage_by_short_name(
     summary = json.loads((tmp_path / "model" / "objective.json").read_text())
     assert summary["objective"] == "ToyHinge"
     assert summary["settings"]["margin"] == 2.0
+
+
+def test_toy_scorer_is_a_constraints_cost_by_short_name(
+    toy_lab: Path, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    record = str(tmp_path / "calls.txt")
+    solver = {"class_path": "lit_saferlhf_plugins.solvers.DualAscent", "init_args": {"cost_limit": 3.0}}
+    toys = {
+        "solver": None,
+        "scorers": {"words": {"class_path": "ToyWordCount", "init_args": {"record": record}}},
+        "constraints": [{"name": "length", "cost": "words", "solver": solver}],
+    }
+    fit(
+        "tiny/ppo_lag.yaml",
+        tmp_path,
+        toys,
+        f"--model.init_args.policy={tiny_models['sft']}",
+        f"--model.init_args.reward_model={tiny_models['reward']}",
+        "--model.init_args.cost_model=null",  # the toy is the only cost: no cost model
+        "--trainer.limit_train_batches=2",
+        "--data.init_args.batch_size=8",
+        "--model.init_args.ppo.minibatch_size=4",
+    )
+    assert calls(tmp_path / "calls.txt") == {"scorer": 2}  # once per rollout
+    costs = column(metrics(tmp_path), "rollout/cost")
+    assert len(costs) == 2
+    assert all(cost >= 1.0 for cost in costs)  # word counts of non-empty answers
+    assert "class_path: toy_lab.scorers.ToyWordCount" in (tmp_path / "logs" / "version_0" / "config.yaml").read_text()

@@ -177,9 +177,8 @@ def constrained_advantage(
     ``(1 - 0.5 + 3) / 5 = 0.7``. With one constraint and no weights it is
     :func:`lagrangian_advantage`, bit for bit. The weight ``w_k`` of a response is 1 where
     constraint ``k`` applies to it and 0 where it does not: a constraint bounded on one prompt
-    category weighs only that category's responses, and a rectified (RePO) constraint only the
-    responses above their bound (:func:`rectified_weights`); a response that no constraint weighs
-    trains on ``A_r`` alone. With ``normalize`` false the divisor is dropped: Constrained GRPO's
+    category weighs only that category's responses; a response that no constraint weighs trains on
+    ``A_r`` alone. With ``normalize`` false the divisor is dropped: Constrained GRPO's
     ``A_r - Σ_k λ_k A_ck`` (Girgis et al., 2026), where each stream was normalised on its own first.
 
     Args:
@@ -202,36 +201,23 @@ def constrained_advantage(
     return advantages / denominator if normalize else advantages
 
 
-def rectified_weights(costs: Tensor, bound: float) -> Tensor:
-    """RePO's per-response switch (Peng et al., 2024): 1 where ``C(x, y) > d``, 0 where ``C(x, y) <= d``.
+def rectified_costs(costs: Tensor, bound: float) -> Tensor:
+    """RePO's rectified cost ``{C(x, y) - d}^+ = max(0, C - d)`` per response (Peng et al., 2024; METHODS.md §6.3).
 
-    RePO bounds every response's cost, ``C(x, y) <= d``, instead of the mean, and penalises only the
-    rectified violation ``{C - d}^+ = max(0, C - d)``: a response at or below its bound trains on the
-    reward advantage alone, one above it on the Lagrangian advantage (the weights of
-    :func:`constrained_advantage`), and λ rises with the mean rectified violation
-    (:func:`rectified_violation`).
-
-    Args:
-        costs: End costs, ``(N,)``.
-        bound: The per-response bound ``d``.
-
-    Returns:
-        ``(N,)`` float weights, 0 or 1.
-    """
-    return (costs > bound).to(torch.float32)
-
-
-def rectified_violation(costs: Tensor, bound: float) -> Tensor:
-    """RePO's mean rectified violation ``E[{C(x, y) - d}^+]``, >= 0 and 0 only when every response is within ``d``.
+    RePO bounds every response's cost, ``C(x, y) <= d``, instead of the mean, and maximises
+    ``E[r] - λ·E[{C - d}^+]``: a response at or below its bound adds nothing to the penalty, one above it
+    adds its excess. As a cost stream (advantages against its own critic or group), a response at or below
+    the bound scores 0, the best a response can, so it is credited for being within the bound while only
+    the excess of the others is penalised. Its mean is the mean rectified violation that drives λ.
 
     Args:
         costs: End costs, ``(N,)``.
         bound: The per-response bound ``d``.
 
     Returns:
-        A scalar tensor.
+        ``(N,)`` float32, ``>= 0``.
     """
-    return (costs.float() - bound).clamp(min=0).mean()
+    return (costs.float() - bound).clamp(min=0)
 
 
 def clipped_surrogate_loss(

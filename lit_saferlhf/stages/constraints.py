@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lit_saferlhf.errors import ConfigError
-from lit_saferlhf.losses import rectified_weights
+from lit_saferlhf.losses import rectified_costs
 from lit_saferlhf.solvers import ConstraintSolver
 
 COST_MODEL = "cost_model"
@@ -42,9 +42,9 @@ class Constraint:
             ``model.init_args.scorers`` by name (its main stream) or ``name.stream`` (another stream).
         category: Bound only the prompts of this category (the prompt data's ``category_column``):
             ``J_k`` is the mean cost over them, and only their responses carry ``λ_k``'s penalty.
-        rectified: RePO (Peng et al., 2024): bound every response's cost, ``C(x, y) <= d_k``. A response
-            at or below ``d_k`` trains on the reward advantage alone, one above it on the Lagrangian
-            advantage, and the solver is driven by the mean rectified violation ``E[{C - d_k}^+]``.
+        rectified: RePO (Peng et al., 2024): bound every response's cost, ``C(x, y) <= d_k``. The cost
+            stream carries the rectified cost ``max(0, C - d_k)`` (only the excess over the bound is
+            penalised), and the solver is driven by its mean, the mean rectified violation.
     """
 
     name: str
@@ -69,22 +69,22 @@ def check_constraints(constraints: list[Constraint]) -> None:
         raise ConfigError("model.init_args.constraints", "constraints with distinct names", f"{repeated[0]!r} twice")
 
 
-def response_weights(constraint: Constraint, costs: Tensor, categories: list[str | None]) -> Tensor | None:
-    """Which responses carry ``λ_k``'s penalty, ``(N,)`` 0/1; None when every one does (a plain constraint).
+def response_weights(constraint: Constraint, categories: list[str | None], device: torch.device) -> Tensor | None:
+    """Which responses carry ``λ_k``'s penalty, ``(N,)`` 0/1: its category's; None when every one does.
 
     Args:
         constraint: The constraint.
-        costs: Its end costs, ``(N,)``.
         categories: Each response's prompt category.
+        device: Where the weights go.
     """
-    weights = None
-    if constraint.category is not None:
-        weights = torch.tensor([c == constraint.category for c in categories], dtype=torch.float32)
-        weights = weights.to(costs.device)
-    if constraint.rectified:
-        above = rectified_weights(costs, constraint.solver.cost_limit)
-        weights = above if weights is None else weights * above
-    return weights
+    if constraint.category is None:
+        return None
+    return torch.tensor([c == constraint.category for c in categories], dtype=torch.float32, device=device)
+
+
+def stream_costs(constraint: Constraint, costs: Tensor) -> Tensor:
+    """The end costs a constraint's cost stream carries: the costs, or RePO's rectified ``max(0, C - d)``."""
+    return rectified_costs(costs, constraint.solver.cost_limit) if constraint.rectified else costs
 
 
 class ConstraintLedger:
@@ -107,9 +107,7 @@ class ConstraintLedger:
         Only the responses to its category's prompts count for a conditioned constraint, and a
         rectified one counts each response's violation ``max(0, C - d)`` instead of its cost.
         """
-        values = costs.float()
-        if constraint.rectified:
-            values = (values - constraint.solver.cost_limit).clamp(min=0)
+        values = stream_costs(constraint, costs.float())
         kept = [v for v, c in zip(values.tolist(), categories, strict=True) if constraint.category in (None, c)]
         self.windows[constraint.name].extend(kept)
 

@@ -79,6 +79,7 @@ from lit_saferlhf.stages.constraints import (
     ConstraintLedger,
     check_constraints,
     response_weights,
+    stream_costs,
 )
 from lit_saferlhf.stages.rollout import Rollout
 
@@ -473,7 +474,7 @@ class PPOLagrangian(L.LightningModule):
             name: response_values(getattr(self, critic_attribute(name)), sequences, attention, start)
             for name in self.critic_names()
         }  # each (N, A)
-        weights = [response_weights(c, end_costs[:, k], categories) for k, c in enumerate(self.constraints)]
+        weights = [response_weights(c, categories, end_costs.device) for c in self.constraints]
         ones = end_costs.new_ones(len(sequences))
         cost_weights = torch.stack([ones if w is None else w for w in weights], dim=1)  # (N, K)
         return self.estimate_advantages(
@@ -570,7 +571,7 @@ class PPOLagrangian(L.LightningModule):
         shaping = {"kl_coeff": kl_coeff, "score_clip": self.ppo.score_clip}
         rewards, costs = end_rewards, {}
         for k, constraint in enumerate(self.constraints):
-            ends = constraint.solver.end_score_streams(rewards, end_costs[:, k])
+            ends = constraint.solver.end_score_streams(rewards, stream_costs(constraint, end_costs[:, k]))
             rewards = ends["reward"]
             if "cost" in ends:
                 costs[constraint.name] = ends["cost"]
@@ -697,7 +698,7 @@ class PPOLagrangian(L.LightningModule):
         multipliers = torch.tensor(
             [self.constraints[k].solver.multiplier for k in columns], device=minibatch.reward_advantages.device
         )
-        weighted = any(self.constraints[k].category is not None or self.constraints[k].rectified for k in columns)
+        weighted = any(self.constraints[k].category is not None for k in columns)
         return constrained_advantage(
             minibatch.reward_advantages,
             minibatch.cost_advantages[:, columns],

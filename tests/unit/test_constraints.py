@@ -10,10 +10,15 @@ from lit_saferlhf.losses import (
     constrained_advantage,
     group_normalized_advantages,
     lagrangian_advantage,
-    rectified_violation,
-    rectified_weights,
+    rectified_costs,
 )
-from lit_saferlhf.stages.constraints import Constraint, ConstraintLedger, check_constraints, response_weights
+from lit_saferlhf.stages.constraints import (
+    Constraint,
+    ConstraintLedger,
+    check_constraints,
+    response_weights,
+    stream_costs,
+)
 from lit_saferlhf_plugins.solvers import DualAscent, FixedPenalty, PIDLagrangian
 
 
@@ -80,22 +85,22 @@ def test_violation_rate_step_of_constrained_grpo() -> None:
     assert solver.multiplier == pytest.approx(0.54)
 
 
-def test_repo_weights_and_rectified_violation() -> None:
+def test_repo_rectified_costs() -> None:
     costs = torch.tensor([-1.0, 0.0, 0.5, 2.0])
-    assert rectified_weights(costs, 0.0).tolist() == [0.0, 0.0, 1.0, 1.0]  # at the bound: reward advantage only
-    assert rectified_violation(costs, 0.0).item() == pytest.approx((0.5 + 2.0) / 4)
-    assert rectified_violation(torch.tensor([-3.0, -1.0]), 0.0).item() == 0.0  # all within: no violation
+    assert rectified_costs(costs, 0.0).tolist() == [0.0, 0.0, 0.5, 2.0]  # at or below the bound: no penalty
+    assert rectified_costs(costs, 1.0).tolist() == [0.0, 0.0, 0.0, 1.0]  # only the excess over d
 
 
-def test_response_weights_combine_category_and_rectification() -> None:
-    costs = torch.tensor([1.0, -1.0, 1.0, -1.0])
+def test_response_weights_are_a_constraints_category() -> None:
     categories = ["EHD", "EHD", "IHD", None]
-    plain = Constraint("all", DualAscent())
-    assert response_weights(plain, costs, categories) is None
+    assert response_weights(Constraint("all", DualAscent()), categories, torch.device("cpu")) is None
     ehd = Constraint("ehd", DualAscent(), category="EHD")
-    assert response_weights(ehd, costs, categories).tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert response_weights(ehd, categories, torch.device("cpu")).tolist() == [1.0, 1.0, 0.0, 0.0]
     rectified = Constraint("ehd", DualAscent(cost_limit=0.0), category="EHD", rectified=True)
-    assert response_weights(rectified, costs, categories).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert response_weights(rectified, categories, torch.device("cpu")).tolist() == [1.0, 1.0, 0.0, 0.0]
+    costs = torch.tensor([1.0, -1.0, 3.0, -2.0])
+    assert stream_costs(rectified, costs).tolist() == [1.0, 0.0, 3.0, 0.0]  # RePO's stream: the excess only
+    assert stream_costs(ehd, costs) is costs  # any other: the costs as they are
 
 
 def test_ledger_counts_a_category_only_and_rectified_violations() -> None:
