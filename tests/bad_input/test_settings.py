@@ -341,11 +341,16 @@ def test_the_console_script_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch and Lightning (~5 s, more on a busy machine)
-def test_the_console_script_shows_the_traceback_when_asked(tmp_path: Path) -> None:
+def test_the_traceback_is_shown_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LIT_SAFERLHF_TRACEBACK=1``: the traceback, then the same one line (in-process: the console script's own
+    process is tested above)."""
     config = stage_config(tmp_path, "sft", write_jsonl(tmp_path / "rows.jsonl", [ROW]))
-    result = console_script(["fit", f"--config={config}", "--model.init_args.optimizer.lr=-1"], tmp_path,
-                            LIT_SAFERLHF_TRACEBACK="1")  # fmt: skip
-    assert result.returncode == 2
-    assert "Traceback" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: model.init_args.optimizer.lr: expected")
+    monkeypatch.setenv("LIT_SAFERLHF_TRACEBACK", "1")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["fit", f"--config={config}", "--model.init_args.optimizer.lr=-1"])
+    assert stopped.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: model.init_args.optimizer.lr: expected")
