@@ -693,7 +693,7 @@ class PPOLagrangian(L.LightningModule):
 
     def lagrangian_advantages(self, minibatch: Rollout) -> Tensor:
         """The actor's advantage from the reward stream and the cost streams of the constraints that keep one."""
-        columns = [k for k, c in enumerate(self.constraints) if c in self.streamed()]
+        columns = [k for k, c in enumerate(self.constraints) if "cost" in c.solver.stream_names()]  # as streamed()
         # λ as float32 first, then the advantages' dtype: as the stage has always built it, bit for bit.
         multipliers = torch.tensor(
             [self.constraints[k].solver.multiplier for k in columns], device=minibatch.reward_advantages.device
